@@ -1,0 +1,205 @@
+"""SRN architecture, stages, timm contract details and error messages."""
+import pytest
+import torch
+import torch.nn.functional as F
+import timm
+from safetensors.torch import save_file
+
+from timm_srn import SRN, srn_stage_loss
+
+
+def _tiny(name='srn_test_resnet', **kwargs):
+    return timm.create_model(name, num_classes=5, **kwargs)
+
+
+@pytest.mark.parametrize('name', ['srn_test_resnet', 'srn_test_vit', 'srn_test_convnext'])
+def test_branches_follow_the_paper(name):
+    model = _tiny(name).eval()
+    out = model.forward_branches(torch.randn(2, 3, 160, 160))
+    # softmax over the positions of each image and class
+    torch.testing.assert_close(out.attention.sum(dim=(2, 3)), torch.ones(2, 5))
+    # y_att = sum over positions of A * S (no sigmoid)
+    torch.testing.assert_close(out.att_logits, (out.attention * out.confidence).sum(dim=(2, 3)))
+    torch.testing.assert_close(out.logits, 0.5 * out.cls_logits + 0.5 * out.sr_logits)
+    # f_sr sees U = A * sigmoid(S)
+    torch.testing.assert_close(model.regularizer(out.attention * out.confidence.sigmoid()), out.sr_logits)
+    assert out.attention.shape == (2, 5, 10, 10) and out.confidence.shape == (2, 5, 10, 10)
+    torch.testing.assert_close(model(torch.zeros(1, 3, 160, 160)), model.forward_branches(torch.zeros(1, 3, 160, 160)).logits)
+
+
+def test_class_maps_mean_equals_main_logits_for_gap_linear_head():
+    model = _tiny().eval()
+    out = model.forward_branches(torch.randn(2, 3, 160, 160))
+    assert out.class_maps.shape == (2, 5, 5, 5)
+    torch.testing.assert_close(out.class_maps.mean(dim=(2, 3)), out.cls_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet101_shapes_and_head_parameters():
+    model = timm.create_model('srn_resnet101', device='meta')
+    assert model.regularizer.conv3.weight.shape == (2048, 1, 14, 14)
+    assert model.regularizer.conv3.groups == 512
+    assert model.tap_map_size == (14, 14) and model.attention.in_chs == 1024
+    f_att = sum(p.numel() for n, p in model.attention.named_parameters() if not n.startswith('confidence'))
+    confidence = sum(p.numel() for p in model.attention.confidence.parameters())
+    f_sr = sum(p.numel() for p in model.regularizer.parameters())
+    for count, reference in ((f_att, 2.93e6), (confidence, 82e3), (f_sr, 0.87e6)):
+        assert abs(count - reference) / reference < 0.01, (count, reference)
+
+
+@pytest.mark.parametrize('size', [(128, 128), (224, 192), (96, 160)])
+def test_any_resolution(size):
+    for name in ('srn_test_resnet', 'srn_test_vit'):
+        model = _tiny(name).eval()
+        out = model(torch.randn(1, 3, *size))
+        assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def _grads_after_stage(model, stage):
+    model.zero_grad(set_to_none=True)
+    model.set_stage(stage)
+    model.train()
+    out = model.forward_branches(torch.randn(2, 3, 160, 160))
+    srn_stage_loss(out, torch.randint(0, 2, (2, 5)).float(), stage).backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('stage,groups', [
+    (1, ('backbone.', 'fc.')), (2, ('attention.',)), (3, ('regularizer.',)),
+    (4, ('backbone.', 'fc.', 'attention.', 'regularizer.'))])
+def test_stage_gradients_reach_exactly_the_trainable_group(stage, groups):
+    model = _tiny()
+    with_grad = _grads_after_stage(model, stage)
+    trainable = {n for n, p in model.named_parameters() if n.startswith(groups)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert with_grad == trainable, sorted(trainable ^ with_grad)[:5]
+
+
+def test_frozen_groups_keep_norm_statistics():
+    model = _tiny()
+    model.set_stage(3)
+    model.train()
+    assert not model.backbone.training and not model.attention.training and model.regularizer.training
+    before = model.backbone.bn1.running_mean.clone()
+    model(torch.randn(2, 3, 160, 160))
+    torch.testing.assert_close(model.backbone.bn1.running_mean, before)
+
+
+def test_stage_losses():
+    out = _tiny().eval().forward_branches(torch.randn(2, 3, 160, 160))
+    target = torch.tensor([[1., 0, 0, 1, 0], [0, 1, 0, 0, 0]])
+    bce = F.binary_cross_entropy_with_logits
+    torch.testing.assert_close(srn_stage_loss(out, target, 1), bce(out.cls_logits, target))
+    torch.testing.assert_close(srn_stage_loss(out, target, 2), bce(out.att_logits, target))
+    torch.testing.assert_close(srn_stage_loss(out, target, 3), bce(out.sr_logits, target))
+    torch.testing.assert_close(srn_stage_loss(out, target, 4), bce(out.logits, target) + bce(out.att_logits, target))
+    torch.testing.assert_close(
+        srn_stage_loss(out, target, 4, stage4_loss='released'),
+        bce(out.cls_logits, target) + bce(out.att_logits, target) + bce(out.sr_logits, target))
+    with pytest.raises(ValueError, match='stage4_loss'):
+        srn_stage_loss(out, target, 4, stage4_loss='other')
+    with pytest.raises(ValueError, match='stage'):
+        _tiny().set_stage(5)
+
+
+def test_reset_classifier_resets_every_classifier():
+    model = _tiny()
+    model.reset_classifier(3)
+    assert model.fc.out_features == 3 and model.attention.conv3.out_channels == 3
+    assert model.attention.confidence.out_channels == 3 and model.regularizer.conv1.in_channels == 3
+    assert model.regularizer.fc.out_features == 3
+    assert len(model.get_classifier()) == 5
+    assert model.eval()(torch.randn(1, 3, 160, 160)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 160, 160)).shape == (1, model.head_hidden_size)
+    assert model.get_classifier() == (model.fc,)
+
+
+def test_classifier_names_match_state_dict():
+    model = _tiny()
+    keys = model.state_dict().keys()
+    for name in model.pretrained_cfg['classifier']:
+        assert f'{name}.weight' in keys
+
+
+def test_group_matcher_and_no_weight_decay_use_real_names():
+    from timm.models._manipulate import group_parameters
+    model = _tiny('srn_test_vit')
+    groups = group_parameters(model, model.group_matcher(), reverse=True)
+    assert groups['attention.conv1.weight'] == max(groups.values())
+    assert groups['backbone.patch_embed.proj.weight'] < groups['attention.conv1.weight']
+    names = {n for n, _ in model.named_parameters()}
+    assert 'backbone.pos_embed' in model.no_weight_decay() and 'backbone.pos_embed' in names
+
+
+def test_construction_device_dtype_meta_and_unknown_kwargs():
+    model = timm.create_model('srn_test_resnet', device='meta', dtype=torch.bfloat16)
+    assert all(p.device.type == 'meta' and p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.raises(TypeError):
+        timm.create_model('srn_test_resnet', not_an_arg=1)
+
+
+def test_generic_entrypoint_any_backbone():
+    model = timm.create_model('srn', backbone='test_efficientnet', num_classes=4, img_size=160).eval()
+    assert model.pretrained_cfg['first_conv'] == 'backbone.conv_stem'
+    assert model(torch.randn(1, 3, 160, 160)).shape == (1, 4)
+    assert 'backbone.conv_stem.weight' in model.state_dict()
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="Unknown backbone 'no_such_net'"):
+        timm.create_model('srn', backbone='no_such_net')
+    with pytest.raises(ValueError, match='no reduction-16 feature'):
+        timm.create_model('srn', backbone='test_resnet', img_size=160, backbone_kwargs=dict(output_stride=8))
+    # weights for 5 classes into a model configured for the same count as the cfg but built with 7
+    weights = tmp_path / 'srn5.safetensors'
+    save_file(_tiny().state_dict(), str(weights))
+    with pytest.raises(RuntimeError, match='trained for 5 classes but the model has num_classes=7'):
+        timm.create_model('srn_test_resnet', pretrained=True, num_classes=7,
+                          pretrained_cfg_overlay=dict(file=str(weights), num_classes=7))
+    plain = tmp_path / 'resnet.safetensors'
+    save_file(timm.create_model('test_resnet').state_dict(), str(plain))
+    with pytest.raises(RuntimeError, match='plain backbone checkpoint'):
+        timm.create_model('srn_test_resnet', pretrained=True, pretrained_cfg_overlay=dict(file=str(plain)))
+    other = tmp_path / 'other.safetensors'
+    save_file(timm.create_model('srn_test_convnext', num_classes=5).state_dict(), str(other))
+    with pytest.raises(RuntimeError, match='another architecture'):
+        timm.create_model('srn_test_resnet', pretrained=True, num_classes=5,
+                          pretrained_cfg_overlay=dict(file=str(other), num_classes=5))
+
+
+def test_pretrained_from_local_file_and_adaptation(tmp_path):
+    source = _tiny().eval()
+    weights = tmp_path / 'srn.safetensors'
+    save_file(source.state_dict(), str(weights))
+    loaded = timm.create_model(
+        'srn_test_resnet', pretrained=True, num_classes=5,
+        pretrained_cfg_overlay=dict(file=str(weights), num_classes=5)).eval()
+    x = torch.randn(2, 3, 160, 160)
+    torch.testing.assert_close(loaded(x), source(x))
+    # another num_classes: timm drops every classifier, the rest loads
+    adapted = timm.create_model(
+        'srn_test_resnet', pretrained=True, num_classes=3,
+        pretrained_cfg_overlay=dict(file=str(weights), num_classes=5))
+    torch.testing.assert_close(adapted.backbone.conv1[0].weight, source.backbone.conv1[0].weight)
+    torch.testing.assert_close(adapted.attention.conv1.weight, source.attention.conv1.weight)
+    assert adapted.fc.out_features == 3
+
+
+def test_pretrained_backbone_only(tmp_path):
+    backbone = timm.create_model('test_resnet', num_classes=0)
+    weights = tmp_path / 'backbone.safetensors'
+    save_file(backbone.state_dict(), str(weights))
+    model = timm.create_model(
+        'srn_test_resnet', pretrained_backbone=True,
+        backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=str(weights))))
+    torch.testing.assert_close(model.backbone.conv1[0].weight, backbone.conv1[0].weight)
+
+
+def test_output_hook_sees_all_branches():
+    model = _tiny().eval()
+    seen = []
+    handle = model.register_output_hook(seen.append)
+    logits = model(torch.randn(1, 3, 160, 160))
+    handle.remove()
+    model(torch.randn(1, 3, 160, 160))
+    assert len(seen) == 1 and seen[0].logits is logits

@@ -1,0 +1,65 @@
+"""timm's own model checks (tests/test_models.py of the installed timm's sdist) on every srn model."""
+import fnmatch
+
+import pytest
+import timm
+
+from tests.timm_sdist import timm_test_models
+
+TM = timm_test_models()
+SRN_MODELS = timm.list_models('srn*')
+VIT_MODELS = ('srn_vit_*', 'srn_test_vit')
+CPU_HEAVY = ('srn', 'srn_resnet101', 'srn_resnet50', 'srn_convnext_tiny', 'srn_vit_small_patch16_224')
+
+# (check, model pattern) -> why the check does not apply
+NOT_APPLICABLE = {
+    ('test_model_default_cfgs', 'srn_vit_*'): 'ViT backbones output tokens; timm runs its non-std cfg check for them',
+    ('test_model_default_cfgs', 'srn_test_vit'): 'ViT backbones output tokens; timm runs its non-std cfg check for them',
+    ('test_model_default_cfgs_non_std', 'srn_*'): 'only ViT backbones are non-std; CNN variants take the std cfg check',
+    ('test_model_forward_torchscript', 'srn*'): (
+        'SRN taps the backbone through forward_intermediates (Union return, list indices, kwargs) and calls '
+        'registered output hooks, which TorchScript cannot compile; torch.compile and ONNX export are supported '
+        'and tested instead (tests/models/test_deploy.py)'),
+    ('test_model_forward_features', 'srn_vit_*'): 'timm excludes ViTs (NON_STD_FILTERS) from features_only checks',
+    ('test_model_forward_features', 'srn_test_vit'): 'timm excludes ViTs (NON_STD_FILTERS) from features_only checks',
+}
+
+
+def _not_applicable(check, model_name):
+    for (name, pattern), reason in NOT_APPLICABLE.items():
+        if name == check and fnmatch.fnmatch(model_name, pattern):
+            if check == 'test_model_default_cfgs_non_std' and any(fnmatch.fnmatch(model_name, p) for p in VIT_MODELS):
+                continue
+            return reason
+    return None
+
+
+CHECKS = [
+    ('test_model_forward', dict(batch_size=1)),
+    ('test_model_backward', dict(batch_size=2)),
+    ('test_model_default_cfgs', dict(batch_size=1, cfg_device='meta')),
+    ('test_model_default_cfgs_non_std', dict(batch_size=1, cfg_device='meta')),
+    ('test_model_forward_torchscript', dict(batch_size=1)),
+    ('test_model_forward_features', dict(batch_size=1)),
+    ('test_model_forward_intermediates_features', dict(batch_size=1)),
+    ('test_model_forward_intermediates', dict(batch_size=1)),
+]
+
+
+@pytest.mark.parametrize('model_name', SRN_MODELS)
+@pytest.mark.parametrize('check,kwargs', CHECKS, ids=[c for c, _ in CHECKS])
+def test_timm_model_check(check, kwargs, model_name):
+    reason = _not_applicable(check, model_name)
+    if reason:
+        pytest.skip(f'not applicable: {reason}')
+    if model_name in CPU_HEAVY and check not in ('test_model_default_cfgs', 'test_model_default_cfgs_non_std'):
+        # full-size backbones: the meta-device cfg checks cover them; real-tensor runs use the tiny variants,
+        # which share every line of code, to keep the suite within its CPU budget
+        pytest.skip('full-size backbone: covered on the meta device and by the srn_test_* variants')
+    getattr(TM, check)(model_name=model_name, **kwargs)
+
+
+def test_registered_models():
+    assert set(SRN_MODELS) >= {
+        'srn', 'srn_resnet50', 'srn_resnet101', 'srn_convnext_tiny', 'srn_vit_small_patch16_224',
+        'srn_test_resnet', 'srn_test_vit', 'srn_test_convnext'}

@@ -1,0 +1,6 @@
+"""timm-srn: Spatial Regularization Networks and spatial consistency losses for timm.
+
+timm has no plugin discovery: `import timm_srn` registers the `srn*` models with timm.
+"""
+from .version import __version__
+from .models import SRN, SRNOutput, class_activation_maps, srn_stage_loss
