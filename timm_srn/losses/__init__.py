@@ -1,0 +1,7 @@
+"""Single-positive multi-label criteria and the heatmap buffer."""
+from .baselines import (
+    EXPECTED_POSITIVES, AssumeNegativeLoss, EntropyMaximizationLoss, ExpectedPositiveLoss, LargeLossLoss, RoleLoss,
+    WeakAssumeNegativeLoss, create_single_positive_loss)
+from .heatmap_buffer import HeatmapBuffer
+from .heatmap_source import HeatmapSource
+from .spatial_consistency import SpatialConsistencyLoss

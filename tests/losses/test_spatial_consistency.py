@@ -1,0 +1,146 @@
+"""SpatialConsistencyLoss as a drop-in timm criterion."""
+import pytest
+import torch
+import torch.nn.functional as F
+import timm
+from timm.task import MultiLabelClassificationTask
+
+from timm_srn.data import pack_target, unpack_target
+from timm_srn.losses import HeatmapSource, SpatialConsistencyLoss
+
+C = 5
+
+
+def _batch(indices, boxes=None, flips=None, positives=None):
+    rows = []
+    for i, index in enumerate(indices):
+        labels = torch.zeros(C)
+        labels[(positives or [index % C for index in indices])[i]] = 1
+        box = boxes[i] if boxes else (0., 0., 1., 1.)
+        rows.append(pack_target(labels, index, box, bool(flips[i]) if flips else False))
+    return torch.stack(rows)
+
+
+def test_pack_target_index_exact_beyond_float32():
+    for index in (0, 2 ** 24 + 1, 2 ** 31 - 1, 2 ** 31 + 12345):
+        packed = torch.stack([pack_target([0, 1, 0], index, (0.1, 0.2, 0.3, 0.4), True)])
+        out = unpack_target(torch.utils.data.default_collate([packed[0]]).to(torch.float32), 3)
+        assert int(out.index[0]) == index and bool(out.flips[0])
+        torch.testing.assert_close(out.boxes[0], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    with pytest.raises(ValueError, match='expected 3 .* or 10'):
+        unpack_target(torch.zeros(2, 7), 3)
+
+
+def test_plain_model_maps_mean_equals_logits():
+    model = timm.create_model('test_resnet', num_classes=C).eval()
+    source = HeatmapSource(model)
+    logits = model(torch.randn(2, 3, 160, 160))
+    torch.testing.assert_close(source.latest().mean(dim=(2, 3)), logits, rtol=1e-5, atol=1e-5)
+    source.remove()
+    assert 'forward_features' not in vars(model)
+
+
+@pytest.mark.parametrize('name', ['srn_test_resnet', 'test_resnet', 'test_vit'])
+def test_training_step_in_timm_task(name):
+    model = timm.create_model(name, num_classes=C)
+    criterion = SpatialConsistencyLoss(num_samples=8, num_classes=C, warmup_epochs=0, heatmap_dtype=torch.float32).attach(model)
+    task = MultiLabelClassificationTask(model, criterion=criterion, verbose=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    target = _batch([0, 1, 2, 3], boxes=[(0., 0., 1., 1.), (0.1, 0.1, 0.9, 0.8), (0.5, 0., 1., 1.), (0., 0., 0.6, 0.6)],
+                    flips=[0, 1, 0, 1])
+    images = torch.randn(4, 3, 160, 160)
+    for step in range(2):
+        result = task(images, target)
+        optimizer.zero_grad()
+        result['loss'].backward()
+        optimizer.step()
+    assert set(criterion.last_terms) == {'positive', 'negative', 'consistency', 'spatial'}
+    assert criterion.last_terms['spatial'] > 0
+    assert criterion.heatmaps.seen[:4].any() and not criterion.heatmaps.seen[4:].any()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert not any(b.requires_grad for b in criterion.buffers())
+
+
+def test_gradients_flow_to_model_only_and_buffer_is_updated_after_loss():
+    model = timm.create_model('test_resnet', num_classes=C)
+    criterion = SpatialConsistencyLoss(8, C, warmup_epochs=0, momentum=0.5, heatmap_dtype=torch.float32).attach(model)
+    target = _batch([0, 1])
+    loss = criterion(model(torch.randn(2, 3, 160, 160)), target)
+    maps = criterion._source.latest()
+    assert maps.shape == (2, C, 5, 5) and maps.requires_grad
+    assert criterion.heatmaps.seen[0].all()  # written after the loss, from detached maps
+    loss.backward()
+    assert model.fc.weight.grad is not None and model.conv1[0].weight.grad is not None
+    assert criterion.heatmaps.maps.grad is None and not criterion.heatmaps.maps.requires_grad
+
+
+def test_spatial_term_matches_hand_computation():
+    criterion = SpatialConsistencyLoss(4, C, consistency_weight=0., negatives='none', warmup_epochs=0,
+                                       heatmap_size=(2, 2), heatmap_dtype=torch.float32)
+
+    class Fixed:  # a heatmap source with known maps
+        maps = None
+        def latest(self):
+            return self.maps
+        def remove(self):
+            pass
+
+    criterion._source = Fixed()
+    target = _batch([3], positives=[0])
+    criterion._source.maps = torch.full((1, C, 2, 2), 1.)
+    criterion(torch.zeros(1, C), target)  # first visit: no stored maps, writes ones
+    criterion._source.maps = torch.full((1, C, 2, 2), 3.)
+    loss = criterion(torch.zeros(1, C), target)
+    positive = F.softplus(torch.tensor(0.)) / C  # one observed positive among C at logit 0
+    torch.testing.assert_close(loss, positive + (3. - 1.) ** 2)
+    torch.testing.assert_close(criterion.heatmaps.maps[3], torch.full((C, 2, 2), 0.9 * 1 + 0.1 * 3))
+
+
+def test_expected_negatives_ignore_likely_positives():
+    criterion = SpatialConsistencyLoss(2, C, negatives='en', en_threshold=0.3, consistency_weight=0., spatial_weight=0.,
+                                       warmup_epochs=0, momentum=0., heatmap_dtype=torch.float32)
+    target = _batch([0], positives=[0])
+    first = torch.tensor([[5., -5., 5., -5., -5.]])  # class 2 looks present
+    criterion(first, target)
+    loss = criterion(torch.zeros(1, C), target)
+    # positive class 0; negatives: 1, 3, 4 (EMA prob < 0.3); class 2 ignored
+    expected = (F.softplus(torch.tensor(0.)) * 4) / C
+    torch.testing.assert_close(loss, expected)
+
+
+def test_warmup_uses_set_epoch_or_samples_seen():
+    criterion = SpatialConsistencyLoss(4, C, spatial_weight=0., warmup_epochs=1)
+    target = _batch([0, 1])
+    criterion(torch.zeros(2, C), target)
+    assert 'consistency' not in criterion.last_terms and criterion.current_epoch() == 0.5
+    criterion(torch.zeros(2, C), _batch([2, 3]))
+    criterion(torch.zeros(2, C), target)
+    assert 'consistency' in criterion.last_terms
+    criterion.set_epoch(0)
+    criterion(torch.zeros(2, C), target)
+    assert 'consistency' not in criterion.last_terms
+
+
+def test_clear_errors():
+    criterion = SpatialConsistencyLoss(4, C, spatial_weight=0.)
+    with pytest.raises(ValueError, match='needs targets packed'):
+        criterion(torch.zeros(2, C), torch.zeros(2, C))
+    soft = _batch([0, 1])
+    soft[0, 1] = 0.3
+    with pytest.raises(ValueError, match='Mixup/CutMix'):
+        criterion(torch.zeros(2, C), soft)
+    with pytest.raises(RuntimeError, match='attach'):
+        SpatialConsistencyLoss(4, C)(torch.zeros(2, C), _batch([0, 1]))
+    plain_ok = SpatialConsistencyLoss(4, C, consistency_weight=0., spatial_weight=0.)
+    target = torch.zeros(2, C)
+    target[:, 0] = 1
+    torch.testing.assert_close(plain_ok(torch.zeros(2, C), target), F.softplus(torch.tensor(0.)))
+
+
+def test_state_dict_resume_is_exact():
+    a = SpatialConsistencyLoss(4, C, spatial_weight=0., warmup_epochs=0)
+    a(torch.randn(2, C), _batch([0, 1]))
+    b = SpatialConsistencyLoss(4, C, spatial_weight=0., warmup_epochs=0)
+    b.load_state_dict(a.state_dict())
+    logits, target = torch.randn(2, C), _batch([1, 2])
+    torch.testing.assert_close(a(logits, target), b(logits, target), rtol=0, atol=0)

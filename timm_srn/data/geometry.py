@@ -1,0 +1,83 @@
+"""Training transforms that record their crop box and flip, and a dataset that packs them into targets."""
+import random
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms as T
+
+from .targets import FULL_BOX, pack_target
+
+__all__ = ['GeometryRecordingTransform', 'PackedTargetDataset']
+
+Geometry = Tuple[Tuple[float, float, float, float], bool]
+
+
+class GeometryRecordingTransform:
+    """Wraps a timm training transform: its RandomResizedCrop and horizontal flip are applied here with
+    their parameters recorded; every other step of the timm transform runs unchanged.
+
+    Returns (tensor, ((x0, y0, x1, y1), flip)) with the box in [0, 1] coordinates of the original image.
+    A transform without RandomResizedCrop (evaluation) records the full image box.
+    """
+
+    def __init__(self, timm_transform: Callable):
+        steps = list(getattr(timm_transform, 'transforms', [timm_transform]))
+        self.crop = next((s for s in steps if isinstance(s, (RandomResizedCropAndInterpolation, T.RandomResizedCrop))), None)
+        flip = next((s for s in steps if isinstance(s, T.RandomHorizontalFlip)), None)
+        self.flip_prob = flip.p if flip is not None else 0.
+        self.rest = T.Compose([s for s in steps if s is not self.crop and s is not flip])
+
+    def __call__(self, img: Image.Image) -> Tuple[Any, Geometry]:
+        box = FULL_BOX
+        if self.crop is not None:
+            img_w, img_h = TF.get_image_size(img)
+            top, left, height, width = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+            interpolation = self.crop.interpolation
+            if isinstance(interpolation, (list, tuple)):
+                interpolation = random.choice(interpolation)
+            size = self.crop.size if isinstance(self.crop.size, (list, tuple)) else (self.crop.size, self.crop.size)
+            img = TF.resized_crop(img, top, left, height, width, list(size), interpolation)
+            box = (left / img_w, top / img_h, (left + width) / img_w, (top + height) / img_h)
+        flip = random.random() < self.flip_prob
+        if flip:
+            img = TF.hflip(img)
+        return self.rest(img), (box, flip)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(crop={self.crop}, flip_prob={self.flip_prob}, rest={self.rest})'
+
+
+class PackedTargetDataset(torch.utils.data.Dataset):
+    """Yields (image, packed target) for per-sample criteria: the dataset index, the crop box and flip
+    recorded by `GeometryRecordingTransform`, and the observed labels (e.g. single positives).
+
+    Args:
+        dataset: A timm_srn dataset returning (PIL image, multi-hot target); its own transform must be None.
+        transform: A timm transform, wrapped in `GeometryRecordingTransform`.
+        observed_labels: (N, C) labels to train on instead of the dataset's (single-positive protocol).
+    """
+
+    def __init__(self, dataset, transform: Callable, observed_labels: Optional[np.ndarray] = None):
+        if getattr(dataset, 'transform', None) is not None:
+            raise ValueError('PackedTargetDataset applies the transform itself: create the dataset with transform=None.')
+        if observed_labels is not None and len(observed_labels) != len(dataset):
+            raise ValueError(
+                f'observed_labels has {len(observed_labels)} rows but the dataset has {len(dataset)} images.')
+        self.dataset = dataset
+        self.transform = transform if isinstance(transform, GeometryRecordingTransform) else \
+            GeometryRecordingTransform(transform)
+        self.observed_labels = observed_labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        img, labels = self.dataset[index]
+        if self.observed_labels is not None:
+            labels = self.observed_labels[index]
+        img, (box, flip) = self.transform(img)
+        return img, pack_target(labels, index, box, flip)

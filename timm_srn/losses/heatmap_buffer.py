@@ -1,0 +1,260 @@
+"""Per-sample, per-class EMA heatmaps in the frame of the whole original image, keyed by dataset index.
+
+Maps from a random crop are resampled (bilinear, `grid_sample` with align_corners=False) between the
+crop's frame and the buffer frame using the crop box and flip. A buffer cell belongs to a crop when its
+centre lies inside the crop box; only those cells are updated, and cells never seen are reported invalid.
+
+Storage modes:
+- dense (`classes_per_sample=None`): N x C x H x W in `dtype` (2 bytes per cell in float16).
+- top-k (`classes_per_sample=K`): N x K x H x W plus the K class ids of each sample, fixed at the
+  sample's first write (its observed positives first, then the highest-scoring classes). Classes outside
+  a sample's set are never stored and always read as invalid. ImageNet-1K (1.28M x 1000 classes, 7x7)
+  needs 126 GB dense but 1.0 GB with K=8.
+
+Duplicate indices in one batch (repeated augmentation) are applied in batch order: the k-th occurrence
+of an index is written after the (k-1)-th, exactly as if they came in consecutive batches.
+Under torch.distributed every write is all-gathered and applied in rank order on every rank, so all
+ranks hold identical contents, equal to one process fed the concatenated global batch.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['HeatmapBuffer', 'crop_to_frame_grid', 'frame_to_crop_grid']
+
+
+def _centres(n: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+
+
+def crop_to_frame_grid(boxes: torch.Tensor, flips: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """grid_sample grid (B, h, w, 2) sampling the whole-image frame at the cell centres of each crop."""
+    height, width = size
+    u = _centres(width, boxes.device).expand(len(boxes), -1)
+    u = torch.where(flips[:, None], 1. - u, u)
+    v = _centres(height, boxes.device).expand(len(boxes), -1)
+    x = boxes[:, 0:1] + u * (boxes[:, 2:3] - boxes[:, 0:1])
+    y = boxes[:, 1:2] + v * (boxes[:, 3:4] - boxes[:, 1:2])
+    return torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1) * 2. - 1.
+
+
+def frame_to_crop_grid(boxes: torch.Tensor, flips: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """grid (B, H, W, 2) sampling each crop's maps at the buffer's cell centres, and the (B, H, W) mask
+    of buffer cells whose centre lies inside the crop box."""
+    height, width = size
+    x = _centres(width, boxes.device)[None]
+    y = _centres(height, boxes.device)[None]
+    u = (x - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1])
+    v = (y - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2])
+    inside_x = (u >= 0) & (u <= 1)
+    inside_y = (v >= 0) & (v <= 1)
+    u = torch.where(flips[:, None], 1. - u, u)
+    grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1) * 2. - 1.
+    return grid, inside_y[:, :, None] & inside_x[:, None, :]
+
+
+def _occurrence_rank(index: torch.Tensor) -> torch.Tensor:
+    """For each row, how many earlier rows of the batch hold the same index (0 for the first)."""
+    same = index[:, None] == index[None, :]
+    return torch.tril(same, diagonal=-1).sum(dim=1)
+
+
+class HeatmapBuffer(nn.Module):
+    """EMA heatmaps for every training sample (see module docstring).
+
+    Args:
+        num_samples: Dataset size N; indices are 0..N-1.
+        num_classes: C.
+        size: (H, W) of the stored whole-image maps.
+        dtype: Storage dtype (float16 default: 2 bytes per cell).
+        device: Training device (the GPU when training on GPU).
+        classes_per_sample: K for the top-k scale mode, None for dense storage.
+    """
+
+    def __init__(
+            self,
+            num_samples: int,
+            num_classes: int,
+            size: Tuple[int, int] = (7, 7),
+            dtype: torch.dtype = torch.float16,
+            device: Optional[torch.device] = None,
+            classes_per_sample: Optional[int] = None,
+    ):
+        super().__init__()
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.size = tuple(size)
+        self.classes_per_sample = classes_per_sample
+        slots = classes_per_sample or num_classes
+        self.register_buffer('maps', torch.zeros(num_samples, slots, *self.size, dtype=dtype, device=device))
+        self.register_buffer('seen', torch.zeros(num_samples, *self.size, dtype=torch.bool, device=device))
+        if classes_per_sample:
+            if not 0 < classes_per_sample <= num_classes:
+                raise ValueError(f'classes_per_sample must be in 1..{num_classes}, got {classes_per_sample}.')
+            self.register_buffer('class_ids', torch.full(
+                (num_samples, classes_per_sample), -1, dtype=torch.int32, device=device))
+        else:
+            self.class_ids = None
+        self.register_buffer('skipped_rows', torch.zeros((), dtype=torch.int64, device=device))
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes held per tensor and in total."""
+        report = {name: t.numel() * t.element_size() for name, t in self.named_buffers()}
+        report['total'] = sum(report.values())
+        return report
+
+    @staticmethod
+    def dense_bytes(num_samples: int, num_classes: int, size=(7, 7), dtype=torch.float16, classes_per_sample=None) -> int:
+        """Bytes a buffer of this configuration would hold, without allocating it."""
+        cells = size[0] * size[1]
+        slots = classes_per_sample or num_classes
+        total = num_samples * slots * cells * torch.empty((), dtype=dtype).element_size() + num_samples * cells + 8
+        return total + (num_samples * classes_per_sample * 4 if classes_per_sample else 0)
+
+    # --- validation: all before any indexing kernel, so bad input never becomes a device-side assert ---
+
+    def _check(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, maps: Optional[torch.Tensor] = None):
+        batch = index.shape[0]
+        if index.ndim != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f'index must be a 1-D integer tensor, got {index.dtype} of shape {tuple(index.shape)}.')
+        if boxes.shape != (batch, 4) or flips.shape != (batch,):
+            raise ValueError(
+                f'Expected boxes ({batch}, 4) and flips ({batch},), got {tuple(boxes.shape)} and {tuple(flips.shape)}.')
+        if maps is not None and (maps.ndim != 4 or maps.shape[0] != batch or maps.shape[1] != self.num_classes):
+            raise ValueError(
+                f'Expected maps ({batch}, {self.num_classes}, h, w), got shape {tuple(maps.shape)}.')
+        if batch == 0:
+            return
+        bad = ((index < 0) | (index >= self.num_samples)).nonzero()
+        if len(bad):
+            row = int(bad[0])
+            raise IndexError(
+                f'Sample index {int(index[row])} at batch row {row} is outside the buffer [0, {self.num_samples}).')
+        bad = ((boxes < 0) | (boxes > 1)).any(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        bad = bad.nonzero()
+        if len(bad):
+            row = int(bad[0])
+            raise ValueError(
+                f'Crop box {boxes[row].tolist()} at batch row {row} must lie in [0, 1] with x1 > x0 and y1 > y0.')
+
+    # --- read ---
+
+    @torch.no_grad()
+    def read(
+            self,
+            index: torch.Tensor,
+            boxes: torch.Tensor,
+            flips: torch.Tensor,
+            size: Tuple[int, int],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Stored maps resampled into each crop's frame: (maps (B, C, h, w) float32, valid (B, C, h, w) bool)."""
+        flips = flips.bool()
+        self._check(index, boxes, flips)
+        grid = crop_to_frame_grid(boxes.float(), flips, size)
+        stored = F.grid_sample(self.maps[index].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
+        seen = F.grid_sample(self.seen[index][:, None].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
+        valid = seen >= 1. - 1e-4  # every bilinear neighbour has been seen
+        if self.class_ids is None:
+            return stored, valid.expand_as(stored)
+        maps = stored.new_zeros(len(index), self.num_classes, *size)
+        ids = self.class_ids[index].long()
+        tracked = ids >= 0
+        rows = torch.arange(len(index), device=index.device)[:, None].expand_as(ids)
+        maps[rows[tracked], ids[tracked]] = stored[tracked]
+        valid_classes = torch.zeros(len(index), self.num_classes, dtype=torch.bool, device=index.device)
+        valid_classes[rows[tracked], ids[tracked]] = True
+        return maps, valid_classes[:, :, None, None] & valid
+
+    # --- write ---
+
+    @torch.no_grad()
+    def write(
+            self,
+            index: torch.Tensor,
+            maps: torch.Tensor,
+            boxes: torch.Tensor,
+            flips: torch.Tensor,
+            momentum: float,
+            class_scores: Optional[torch.Tensor] = None,
+            positives: Optional[torch.Tensor] = None,
+    ) -> None:
+        """EMA-update the buffer with crop maps (B, C, h, w): stored = momentum * stored + (1 - momentum) * new
+        inside each crop box; cells seen for the first time take the new value. Rows with non-finite maps are
+        skipped and counted in `skipped_rows`. `class_scores` / `positives` (B, C) choose a sample's classes
+        in top-k mode at its first write (default scores: the maps' spatial mean)."""
+        flips = flips.bool()
+        self._check(index, boxes, flips, maps)
+        index, maps, boxes, flips, class_scores, positives = self._gather(index, maps, boxes, flips, class_scores, positives)
+        finite = torch.isfinite(maps).flatten(1).all(1)
+        self.skipped_rows += (~finite).sum()
+        index, maps, boxes, flips = index[finite], maps[finite].float(), boxes[finite].float(), flips[finite]
+        if class_scores is not None:
+            class_scores = class_scores[finite]
+        if positives is not None:
+            positives = positives[finite]
+        grid, region = frame_to_crop_grid(boxes, flips, self.size)
+        current = F.grid_sample(maps, grid, mode='bilinear', padding_mode='border', align_corners=False)
+        rank = _occurrence_rank(index)
+        for occurrence in range(int(rank.max()) + 1 if len(rank) else 0):
+            rows = rank == occurrence
+            self._ema_update(index[rows], current[rows], region[rows], momentum,
+                        None if class_scores is None else class_scores[rows],
+                        None if positives is None else positives[rows],
+                        current_means=maps[rows].mean(dim=(2, 3)))
+
+    def _ema_update(self, index, current, region, momentum, class_scores, positives, current_means):
+        """One EMA update for unique indices."""
+        if self.class_ids is not None:
+            current = self._select_slots(index, current, class_scores, positives, current_means)
+        stored = self.maps[index].float()
+        seen = self.seen[index]
+        region_c = region[:, None]
+        updated = torch.where(seen[:, None], momentum * stored + (1. - momentum) * current, current)
+        self.maps[index] = torch.where(region_c, updated, stored).to(self.maps.dtype)
+        self.seen[index] = seen | region
+
+    def _select_slots(self, index, current, class_scores, positives, current_means) -> torch.Tensor:
+        """Top-k mode: fix the class set of samples written for the first time, return their slots' maps."""
+        ids = self.class_ids[index].long()
+        new = (ids < 0).all(dim=1)
+        if new.any():
+            scores = (class_scores if class_scores is not None else current_means)[new].float()
+            if positives is not None:
+                scores = scores + positives[new].float() * 1e6  # observed positives first
+            ids[new] = scores.topk(self.classes_per_sample, dim=1).indices
+            self.class_ids[index[new]] = ids[new].to(self.class_ids.dtype)
+        return current.gather(1, ids[:, :, None, None].expand(-1, -1, *current.shape[-2:]))
+
+    def _gather(self, index, maps, boxes, flips, class_scores, positives):
+        """All ranks' writes in rank order (identity when not distributed)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return index, maps, boxes, flips, class_scores, positives
+        batch, _, h, w = maps.shape
+        fields = [index.double()[:, None], maps.float().flatten(1).double(), boxes.double(), flips.double()[:, None]]
+        if class_scores is not None:
+            fields.append(class_scores.double())
+        if positives is not None:
+            fields.append(positives.double())
+        rows = torch.cat(fields, dim=1)
+        sizes = [torch.zeros((), dtype=torch.int64, device=rows.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor(batch, device=rows.device))
+        padded = rows.new_zeros(int(max(sizes)), rows.shape[1])
+        padded[:batch] = rows
+        gathered = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(gathered, padded)
+        rows = torch.cat([g[:int(n)] for g, n in zip(gathered, sizes)])
+        cells = self.num_classes * h * w
+        index = rows[:, 0].long()
+        maps = rows[:, 1:1 + cells].float().view(-1, self.num_classes, h, w)
+        boxes = rows[:, 1 + cells:5 + cells].float()
+        flips = rows[:, 5 + cells] > 0.5
+        offset = 6 + cells
+        if class_scores is not None:
+            class_scores = rows[:, offset:offset + self.num_classes].float()
+            offset += self.num_classes
+        if positives is not None:
+            positives = rows[:, offset:offset + self.num_classes].float()
+        return index, maps, boxes, flips, class_scores, positives

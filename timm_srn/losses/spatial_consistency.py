@@ -1,0 +1,182 @@
+"""Consistency and spatial consistency losses for single-positive multi-label training (Verelst et al., WACV 2023).
+
+Called as `criterion(output, target)` like any timm loss. Terms, each averaged over batch x classes:
+- positive: -log sigmoid(z) on the observed positives;
+- negatives ('an' | 'en' | 'none'): 'an' treats every unobserved label as negative; 'en' (expected
+  negatives) treats as negative only the unobserved labels whose EMA prediction is below `en_threshold`
+  and ignores the rest (before a sample's first EMA update, and during warm-up, it acts as 'an');
+- consistency: BCE of the unobserved labels against the sample's EMA predictions (soft targets);
+- spatial: mean squared distance between the current heatmaps and the sample's EMA heatmaps resampled
+  into the current crop, over the cells seen before (unseen cells are not penalised).
+After the loss, the EMA predictions and the heatmap buffer are updated with the current (detached) values.
+The consistency and spatial terms start after `warmup_epochs` (from `set_epoch`, or, when the training
+loop never calls it, from the number of samples seen divided by `num_samples`).
+"""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.targets import FULL_BOX, PackedTarget, unpack_target
+from .heatmap_buffer import HeatmapBuffer
+from .heatmap_source import HeatmapSource
+
+__all__ = ['SpatialConsistencyLoss', 'check_hard_labels']
+
+NEGATIVE_MODES = ('an', 'en', 'none')
+
+
+def check_hard_labels(labels: torch.Tensor) -> None:
+    """Per-sample criteria need 0/1 observed labels; soft targets mean Mixup/CutMix, which mixes samples."""
+    if not torch.all((labels == 0) | (labels == 1)):
+        raise ValueError(
+            'Targets are soft (values other than 0 and 1): Mixup/CutMix mix samples and cannot be combined with '
+            'per-sample buffers or single-positive labels. Disable mixup/cutmix for this criterion.')
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SpatialConsistencyLoss(nn.Module):
+    """Single-positive criterion: observed positives + negatives + consistency + spatial consistency.
+
+    Args:
+        num_samples: Training set size (buffers are keyed by dataset index).
+        num_classes: Number of labels C.
+        negatives: 'an' (assume negative, default), 'en' (expected negatives) or 'none'.
+        en_threshold: EMA probability below which an unobserved label is an expected negative.
+        consistency_weight: Weight of the consistency term (0 disables it and its buffer).
+        spatial_weight: Weight of the spatial consistency term (0 disables it and the heatmap buffer).
+        momentum: EMA momentum of both buffers (stored = momentum * stored + (1 - momentum) * new).
+        warmup_epochs: Epochs before the consistency and spatial terms start.
+        heatmap_size: (H, W) of the whole-image heatmaps in the buffer.
+        heatmap_dtype: Storage dtype of the buffers (float16: 2 bytes per cell).
+        classes_per_sample: Top-k scale mode of the heatmap buffer (None: dense).
+        heatmap_source: SRN maps to use: 'class_maps', 'attention' or 'confidence'.
+        device: Device of the buffers (the training device).
+    """
+
+    def __init__(
+            self,
+            num_samples: int,
+            num_classes: int,
+            negatives: str = 'an',
+            en_threshold: float = 0.1,
+            consistency_weight: float = 1.0,
+            spatial_weight: float = 1.0,
+            momentum: float = 0.9,
+            warmup_epochs: float = 1.0,
+            heatmap_size: Tuple[int, int] = (7, 7),
+            heatmap_dtype: torch.dtype = torch.float16,
+            classes_per_sample: Optional[int] = None,
+            heatmap_source: str = 'class_maps',
+            device: Optional[torch.device] = None,
+    ):
+        super().__init__()
+        if negatives not in NEGATIVE_MODES:
+            raise ValueError(f'negatives must be one of {NEGATIVE_MODES}, got {negatives!r}.')
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.negatives = negatives
+        self.en_threshold = en_threshold
+        self.consistency_weight = consistency_weight
+        self.spatial_weight = spatial_weight
+        self.momentum = momentum
+        self.warmup_epochs = warmup_epochs
+        self.heatmap_source = heatmap_source
+        self.needs_index = consistency_weight > 0 or spatial_weight > 0 or negatives == 'en'
+        # per-sample EMA predictions: a 1x1 "heatmap" of probabilities, always written with the full box
+        self.predictions = HeatmapBuffer(num_samples, num_classes, (1, 1), heatmap_dtype, device) \
+            if consistency_weight > 0 or negatives == 'en' else None
+        self.heatmaps = HeatmapBuffer(num_samples, num_classes, heatmap_size, heatmap_dtype, device, classes_per_sample) \
+            if spatial_weight > 0 else None
+        self.register_buffer('epoch', torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer('samples_seen', torch.zeros((), dtype=torch.int64, device=device))
+        self._epoch_set = False
+        self._source: Optional[HeatmapSource] = None
+        self.last_terms: Dict[str, float] = {}
+
+    def attach(self, model: nn.Module) -> 'SpatialConsistencyLoss':
+        """Capture the model's heatmaps during its forward (needed by the spatial term). Returns self."""
+        if self._source is not None:
+            self._source.remove()
+        self._source = HeatmapSource(model, self.heatmap_source) if self.heatmaps is not None else None
+        return self
+
+    def set_epoch(self, epoch: float) -> None:
+        self.epoch.fill_(epoch)
+        self._epoch_set = True
+
+    def current_epoch(self) -> float:
+        if self._epoch_set:
+            return float(self.epoch)
+        return float(self.samples_seen) / self.num_samples
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        packed = unpack_target(target, self.num_classes)
+        labels = packed.labels.float()
+        check_hard_labels(labels)
+        if self.needs_index and packed.index is None:
+            raise ValueError(
+                'This criterion keeps per-sample buffers and needs targets packed with the sample index '
+                '(timm_srn.data.pack_target / PackedTargetDataset); got plain (batch, classes) targets.')
+        logits = output.float()
+        observed = labels > 0.5
+        unobserved = ~observed
+        warm = self.current_epoch() >= self.warmup_epochs
+        terms = {'positive': (F.softplus(-logits) * observed).mean()}  # -log sigmoid(z) on positives
+
+        ema_probs, ema_valid = self._read_predictions(packed)
+        negatives = unobserved
+        if self.negatives == 'en' and warm:
+            expected = ema_valid & (ema_probs < self.en_threshold)
+            negatives = unobserved & (expected | ~ema_valid.any(dim=1, keepdim=True))
+        if self.negatives != 'none':
+            terms['negative'] = (F.softplus(logits) * negatives).mean()  # -log(1 - sigmoid(z))
+        if self.consistency_weight > 0 and warm:
+            mask = unobserved & ema_valid
+            soft = F.binary_cross_entropy_with_logits(logits, ema_probs, reduction='none')
+            terms['consistency'] = self.consistency_weight * (soft * mask).mean()
+        maps = None
+        if self.heatmaps is not None:
+            if self._source is None:
+                raise RuntimeError('The spatial term needs the model heatmaps: call criterion.attach(model) first.')
+            maps = self._source.latest()
+            if warm:
+                stored, valid = self.heatmaps.read(packed.index, packed.boxes, packed.flips, tuple(maps.shape[-2:]))
+                squared = (maps.float() - stored).pow(2) * valid
+                terms['spatial'] = self.spatial_weight * squared.sum() / max(valid[:, :1].numel() * self.num_classes, 1)
+        loss = sum(terms.values())
+        self.last_terms = {name: float(value.detach()) for name, value in terms.items()}
+        if self.training:
+            self._update(packed, logits, observed, maps)
+        return loss
+
+    def _read_predictions(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.predictions is None or packed.index is None:
+            empty = torch.zeros_like(packed.labels, dtype=torch.float32)
+            return empty, empty.bool()
+        probs, valid = self.predictions.read(packed.index, _full_boxes(packed), packed.flips.new_zeros(packed.flips.shape), (1, 1))
+        return probs.flatten(1), valid.flatten(1)
+
+    @torch.no_grad()
+    def _update(self, packed: PackedTarget, logits: torch.Tensor, observed: torch.Tensor, maps: Optional[torch.Tensor]):
+        self.samples_seen += len(logits) * _world_size()
+        if packed.index is None:
+            return
+        probs = logits.sigmoid()
+        if self.predictions is not None:
+            self.predictions.write(
+                packed.index, probs[:, :, None, None], _full_boxes(packed),
+                packed.flips.new_zeros(packed.flips.shape), self.momentum)
+        if self.heatmaps is not None:
+            self.heatmaps.write(packed.index, maps.detach(), packed.boxes, packed.flips, self.momentum,
+                                class_scores=probs, positives=observed)
+
+
+def _full_boxes(packed: PackedTarget) -> torch.Tensor:
+    return packed.boxes.new_tensor(FULL_BOX).expand(len(packed.index), 4)
