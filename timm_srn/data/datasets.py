@@ -1,0 +1,235 @@
+"""Multi-label datasets in their real on-disk formats, each returning (image, multi-hot float target).
+
+Every dataset holds `samples` (image paths), `targets` (N, C) float32, `mask` (N, C) bool (False where a
+label is ignored in evaluation: VOC 'difficult' in ignore mode) and `label_names`. Images are returned as
+PIL images when `transform` is None, so timm transforms (or `PackedTargetDataset`) apply.
+"""
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .label_names import VOC_LABEL_NAMES
+
+__all__ = ['MultiLabelDataset', 'CocoDataset', 'VocDataset', 'NpyDataset', 'RealDataset', 'CsvDataset']
+
+_logger = logging.getLogger(__name__)
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f'{what} not found: {path}')
+    return path
+
+
+class MultiLabelDataset(torch.utils.data.Dataset):
+    """Images + (N, C) multi-hot targets; the common base of every format."""
+
+    def __init__(
+            self,
+            samples: Sequence[Path],
+            targets: np.ndarray,
+            label_names: Sequence[str],
+            transform: Optional[Callable] = None,
+            mask: Optional[np.ndarray] = None,
+            skip_unreadable: bool = False,
+    ):
+        self.samples = [Path(s) for s in samples]
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.mask = np.ones_like(self.targets, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        self.label_names = list(label_names)
+        self.transform = transform
+        self.num_skipped = 0
+        if self.targets.shape != (len(self.samples), len(self.label_names)):
+            raise ValueError(
+                f'targets have shape {self.targets.shape}, expected ({len(self.samples)}, {len(self.label_names)}).')
+        if skip_unreadable:
+            self._drop_unreadable()
+
+    def _drop_unreadable(self) -> None:
+        keep = []
+        for i, path in enumerate(self.samples):
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+                keep.append(i)
+            except (OSError, SyntaxError) as e:
+                _logger.warning(f'Skipping unreadable image {path}: {e}')
+        self.num_skipped = len(self.samples) - len(keep)
+        if self.num_skipped:
+            _logger.warning(f'Skipped {self.num_skipped} unreadable images of {len(self.samples)}.')
+        self.samples = [self.samples[i] for i in keep]
+        self.targets, self.mask = self.targets[keep], self.mask[keep]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> Image.Image:
+        path = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert('RGB')
+        except FileNotFoundError:
+            raise FileNotFoundError(f'Image {index} not found: {path}') from None
+        except OSError as e:
+            raise OSError(f'Image {index} is unreadable: {path} ({e}). Pass skip_unreadable=True to skip such files.') from e
+
+    def __getitem__(self, index: int) -> Tuple[object, torch.Tensor]:
+        img = self.load_image(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, torch.from_numpy(self.targets[index])
+
+
+class CocoDataset(MultiLabelDataset):
+    """COCO (2014) instances via pycocotools: category ids mapped to 0..C-1 in sorted id order.
+
+    Args:
+        root: Image folder (e.g. train2014/).
+        ann_file: instances_*.json.
+        keep_unannotated: Keep images without annotations (all-negative); False is the peers' default.
+    """
+
+    def __init__(self, root, ann_file, transform=None, keep_unannotated: bool = False, skip_unreadable: bool = False):
+        from pycocotools.coco import COCO
+        root = _require(Path(root), 'COCO image folder')
+        coco = COCO(str(_require(Path(ann_file), 'COCO annotation file')))
+        cat_ids = sorted(coco.getCatIds())
+        column = {cat_id: i for i, cat_id in enumerate(cat_ids)}
+        samples, targets = [], []
+        for image_id in sorted(coco.getImgIds()):
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
+            if not anns and not keep_unannotated:
+                continue
+            target = np.zeros(len(cat_ids), dtype=np.float32)
+            for ann in anns:
+                if ann['category_id'] not in column:
+                    raise ValueError(f"{ann_file}: annotation {ann['id']} has unknown category_id {ann['category_id']}.")
+                target[column[ann['category_id']]] = 1.
+            samples.append(root / coco.loadImgs(image_id)[0]['file_name'])
+            targets.append(target)
+        names = [coco.loadCats(c)[0]['name'] for c in cat_ids]
+        super().__init__(samples, np.stack(targets) if targets else np.zeros((0, len(names))), names, transform,
+                         skip_unreadable=skip_unreadable)
+
+
+class VocDataset(MultiLabelDataset):
+    """Pascal VOC 2007 / 2012 classification from ImageSets/Main/{class}_{split}.txt.
+
+    Args:
+        root: The VOC20XX folder (holding JPEGImages/ and ImageSets/Main/).
+        split: 'train', 'val', 'trainval' or 'test'.
+        difficult: How labels marked 0 (difficult) count: 'negative', 'positive' or 'ignore' (masked in evaluation).
+    """
+
+    DIFFICULT_MODES = ('negative', 'positive', 'ignore')
+
+    def __init__(self, root, split: str = 'trainval', transform=None, difficult: str = 'negative', skip_unreadable: bool = False):
+        if difficult not in self.DIFFICULT_MODES:
+            raise ValueError(f'difficult must be one of {self.DIFFICULT_MODES}, got {difficult!r}.')
+        root = _require(Path(root), 'VOC root')
+        image_ids: Optional[List[str]] = None
+        columns = []
+        for name in VOC_LABEL_NAMES:
+            path = _require(root / 'ImageSets' / 'Main' / f'{name}_{split}.txt', 'VOC image set file')
+            ids, values = [], []
+            for line_no, line in enumerate(path.read_text().split('\n'), 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                if len(parts) != 2 or parts[1] not in ('1', '-1', '0'):
+                    raise ValueError(f'{path}:{line_no}: expected "<image id> <1|-1|0>", got {line!r}.')
+                ids.append(parts[0])
+                values.append(int(parts[1]))
+            if image_ids is None:
+                image_ids = ids
+            elif ids != image_ids:
+                raise ValueError(f'{path} lists different images than {VOC_LABEL_NAMES[0]}_{split}.txt.')
+            columns.append(values)
+        raw = np.array(columns, dtype=np.int64).T
+        targets = (raw == 1) | ((raw == 0) & (difficult == 'positive'))
+        mask = (raw != 0) | (difficult != 'ignore')
+        samples = [root / 'JPEGImages' / f'{i}.jpg' for i in image_ids]
+        super().__init__(samples, targets, VOC_LABEL_NAMES, transform, mask=mask, skip_unreadable=skip_unreadable)
+
+
+class NpyDataset(MultiLabelDataset):
+    """NUS-WIDE / CUB in the single-positive benchmark's `formatted_{split}_{images,labels}.npy` convention.
+
+    Args:
+        root: Folder with the npy files.
+        image_root: Folder the image paths in formatted_{split}_images.npy are relative to.
+        split: 'train', 'val' or 'test'.
+    """
+
+    def __init__(self, root, image_root, split: str = 'train', label_names: Optional[Sequence[str]] = None,
+                 transform=None, skip_unreadable: bool = False):
+        root = Path(root)
+        images = np.load(_require(root / f'formatted_{split}_images.npy', 'image list'), allow_pickle=False)
+        labels = np.load(_require(root / f'formatted_{split}_labels.npy', 'label matrix'), allow_pickle=False)
+        if len(images) != len(labels):
+            raise ValueError(f'formatted_{split}_images.npy has {len(images)} rows but labels have {len(labels)}.')
+        names = label_names or [f'class_{i}' for i in range(labels.shape[1])]
+        super().__init__([Path(image_root) / str(p) for p in images], labels, names, transform,
+                         skip_unreadable=skip_unreadable)
+
+
+class RealDataset(MultiLabelDataset):
+    """ImageNet-1K validation with the ReaL multi-label labels (a JSON list of label lists, in the order of
+    the sorted ILSVRC2012_val_*.JPEG files). Images with an empty list are excluded from evaluation."""
+
+    def __init__(self, root, real_json, label_names: Optional[Sequence[str]] = None, transform=None,
+                 skip_unreadable: bool = False):
+        root = _require(Path(root), 'ImageNet validation folder')
+        labels = json.loads(_require(Path(real_json), 'ReaL labels file').read_text())
+        files = sorted(root.glob('ILSVRC2012_val_*.JPEG'))
+        if len(files) != len(labels):
+            raise ValueError(f'{real_json} has {len(labels)} entries but {root} holds {len(files)} validation images.')
+        num_classes = len(label_names) if label_names else 1000
+        samples, targets = [], []
+        for path, image_labels in zip(files, labels):
+            if not image_labels:
+                continue
+            target = np.zeros(num_classes, dtype=np.float32)
+            for label in image_labels:
+                if not 0 <= label < num_classes:
+                    raise ValueError(f'{real_json}: label {label} of {path.name} is outside 0..{num_classes - 1}.')
+                target[label] = 1.
+            samples.append(path)
+            targets.append(target)
+        self.num_excluded = len(files) - len(samples)
+        super().__init__(samples, np.stack(targets), label_names or [str(i) for i in range(num_classes)], transform,
+                         skip_unreadable=skip_unreadable)
+
+
+class CsvDataset(MultiLabelDataset):
+    """Users' own data: an image folder plus a CSV with columns `image` (path relative to root) and `labels`
+    (label names separated by ';'). Label names come from `label_names` or, sorted, from the CSV."""
+
+    def __init__(self, root, csv_file, label_names: Optional[Sequence[str]] = None, transform=None,
+                 skip_unreadable: bool = False):
+        root = _require(Path(root), 'image folder')
+        with open(_require(Path(csv_file), 'CSV file'), newline='') as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {'image', 'labels'} <= set(rows[0]):
+            raise ValueError(f'{csv_file} needs the columns "image" and "labels", found {list(rows[0])}.')
+        parsed = [(row['image'], [l.strip() for l in row['labels'].split(';') if l.strip()]) for row in rows]
+        names = list(label_names) if label_names else sorted({l for _, labels in parsed for l in labels})
+        column = {name: i for i, name in enumerate(names)}
+        targets = np.zeros((len(parsed), len(names)), dtype=np.float32)
+        for i, (image, labels) in enumerate(parsed):
+            for label in labels:
+                if label not in column:
+                    raise ValueError(f'{csv_file}, row {i + 2} ({image}): label {label!r} is not in the class list.')
+                targets[i, column[label]] = 1.
+        super().__init__([root / image for image, _ in parsed], targets, names, transform,
+                         skip_unreadable=skip_unreadable)
