@@ -6,3 +6,4 @@ from .datasets import CocoDataset, CsvDataset, MultiLabelDataset, NpyDataset, Re
 from .single_positive import (
     SinglePositive, load_observed_labels, sample_single_positive, save_observed_labels, split_train_val)
 from .synthetic import SYNTHETIC_LABEL_NAMES, generate_synthetic_coco
+from .factory import DATASET_NAMES, create_dataset

@@ -4,7 +4,9 @@ Every dataset holds `samples` (image paths), `targets` (N, C) float32, `mask` (N
 label is ignored in evaluation: VOC 'difficult' in ignore mode) and `label_names`. Images are returned as
 PIL images when `transform` is None, so timm transforms (or `PackedTargetDataset`) apply.
 """
+import contextlib
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -66,6 +68,13 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         self.samples = [self.samples[i] for i in keep]
         self.targets, self.mask = self.targets[keep], self.mask[keep]
 
+    def subset(self, indices: Sequence[int]) -> 'MultiLabelDataset':
+        """A dataset of the given rows (e.g. the single-positive protocol's train / val split)."""
+        indices = list(indices)
+        return MultiLabelDataset(
+            [self.samples[i] for i in indices], self.targets[indices], self.label_names, self.transform,
+            mask=self.mask[indices])
+
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
@@ -102,7 +111,9 @@ class CocoDataset(MultiLabelDataset):
     def __init__(self, root, ann_file, transform=None, keep_unannotated: bool = False, skip_unreadable: bool = False):
         from pycocotools.coco import COCO
         root = _require(Path(root), 'COCO image folder')
-        coco = COCO(str(_require(Path(ann_file), 'COCO annotation file')))
+        ann_file = _require(Path(ann_file), 'COCO annotation file')
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco = COCO(str(ann_file))
         cat_ids = sorted(coco.getCatIds())
         column = {cat_id: i for i, cat_id in enumerate(cat_ids)}
         samples, targets = [], []

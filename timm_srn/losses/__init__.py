@@ -5,3 +5,4 @@ from .baselines import (
 from .heatmap_buffer import HeatmapBuffer
 from .heatmap_source import HeatmapSource
 from .spatial_consistency import SpatialConsistencyLoss
+from .srn_stage import SRNStageLoss

@@ -3,6 +3,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from timm.utils import unwrap_model
 
 from ..models.class_maps import class_activation_maps, token_grid_size
 from ..models.srn import SRN
@@ -10,15 +11,6 @@ from ..models.srn import SRN
 __all__ = ['HeatmapSource']
 
 SRN_SOURCES = ('class_maps', 'attention', 'confidence')
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, 'module', None) or getattr(model, '_orig_mod', None)
-        if inner is None:
-            return model
-        model = inner
 
 
 class HeatmapSource:
@@ -31,7 +23,7 @@ class HeatmapSource:
     """
 
     def __init__(self, model: nn.Module, source: str = 'class_maps'):
-        model = _unwrap(model)
+        model = unwrap_model(model)
         self.maps: Optional[torch.Tensor] = None
         self._features = None
         if isinstance(model, SRN):

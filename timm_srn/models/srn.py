@@ -463,8 +463,14 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-def _coco_cfg(**kwargs) -> Dict[str, Any]:
-    return _cfg(hf_hub_id='timm-srn/', label_names=COCO_LABEL_NAMES, **kwargs)
+HUB_ORGANISATION = 'timm-srn'
+# COCO 2014 (80 labels, 224x224) weights published as {HUB_ORGANISATION}/<architecture>.<tag>
+COCO_WEIGHTS = {
+    'srn_resnet50.coco_224': {},
+    'srn_resnet101.coco_224': {},
+    'srn_convnext_tiny.coco_224': dict(first_conv='backbone.stem.0'),
+    'srn_vit_small_patch16_224.coco_224': dict(first_conv='backbone.patch_embed.proj', pool_size=None),
+}
 
 
 def _test_cfg(**kwargs) -> Dict[str, Any]:
@@ -474,10 +480,8 @@ def _test_cfg(**kwargs) -> Dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     'srn.untrained': _cfg(),
-    'srn_resnet50.coco_224': _coco_cfg(),
-    'srn_resnet101.coco_224': _coco_cfg(),
-    'srn_convnext_tiny.coco_224': _coco_cfg(first_conv='backbone.stem.0'),
-    'srn_vit_small_patch16_224.coco_224': _coco_cfg(first_conv='backbone.patch_embed.proj', pool_size=None),
+    **{name: _cfg(hf_hub_id=f'{HUB_ORGANISATION}/{name}', label_names=COCO_LABEL_NAMES, **kwargs)
+       for name, kwargs in COCO_WEIGHTS.items()},
     'srn_test_resnet.untrained': _test_cfg(first_conv='backbone.conv1.0'),
     'srn_test_vit.untrained': _test_cfg(first_conv='backbone.patch_embed.proj', pool_size=None),
     'srn_test_convnext.untrained': _test_cfg(first_conv='backbone.stem.0'),

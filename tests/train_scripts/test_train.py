@@ -1,0 +1,109 @@
+"""train.py / validate.py end to end on tiny synthetic COCO-format data (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from timm_srn.checkpoint import load_checkpoint_file
+
+from .conftest import SCRIPTS
+
+TINY = ['--model', 'srn_test_resnet', '--img-size', '96', '--batch-size', '16', '--workers', '0', '--no-progress',
+        '--max-train-images', '192', '--max-val-images', '64', '--num-viz', '1', '--lr', '3e-3']
+
+
+def _args(synthetic_dir, output, *extra):
+    return ['--data-dir', str(synthetic_dir), '--output', str(output), *TINY, *extra]
+
+
+def test_two_epochs_improve_map_and_validate_reproduces_it(synthetic_dir, tmp_path, train_script, validate_script):
+    result = train_script.main(_args(synthetic_dir, tmp_path, '--epochs', '2'))
+    history = result['history']
+    assert history[0]['epoch'] == -1 and len(history) == 3
+    assert history[-1]['eval']['mAP'] > history[0]['eval']['mAP'] + 3
+    lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(l)['epoch'] for l in lines] == [-1, 0, 1]
+    assert (tmp_path / 'best.pth.tar').exists() and (tmp_path / 'viz_val_0.png').exists()
+    out = tmp_path / 'validate.json'
+    validated = validate_script.main(['--checkpoint', str(tmp_path / 'last.pth.tar'), '--data-dir', str(synthetic_dir),
+                                      '--max-images', '64', '--workers', '0', '--output', str(out)])
+    assert validated['metrics'] == result['last_eval']
+    assert json.loads(out.read_text())['metrics'] == result['last_eval']
+    assert set(validated['metrics']) >= {'mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1'}
+
+
+def test_resume_after_epoch_one_matches_uninterrupted_run(synthetic_dir, tmp_path, train_script):
+    extra = ['--epochs', '2', '--loss', 'spatial', '--loss-kwargs', 'warmup_epochs=0', '--num-viz', '0']
+    train_script.main(_args(synthetic_dir, tmp_path / 'full', *extra))
+    stopped = train_script.main(_args(synthetic_dir, tmp_path / 'split', *extra, '--stop-after-epochs', '1'))
+    assert stopped['stopped']
+    train_script.main(_args(synthetic_dir, tmp_path / 'split', *extra, '--resume', str(tmp_path / 'split' / 'last.pth.tar')))
+    full = load_checkpoint_file(tmp_path / 'full' / 'last.pth.tar')
+    split = load_checkpoint_file(tmp_path / 'split' / 'last.pth.tar')
+    assert full['epoch'] == split['epoch'] == 1
+    for key in full['state_dict']:
+        assert torch.equal(full['state_dict'][key], split['state_dict'][key]), key
+    for key in full['criterion']:
+        assert torch.equal(full['criterion'][key], split['criterion'][key]), key
+    assert full['criterion']['heatmaps.seen'].any()
+
+
+def test_srn_stages_all_run_in_sequence(synthetic_dir, tmp_path, train_script):
+    result = train_script.main(_args(synthetic_dir, tmp_path, '--epochs', '1', '--srn-stage', 'all', '--num-viz', '0',
+                                     '--max-train-images', '64'))
+    assert [r['stage'] for r in result['history'][1:]] == [1, 2, 3, 4]
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE='1')
+    return subprocess.run([sys.executable, str(SCRIPTS / 'train.py'), *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--model', 'no_such_model'], "unknown model 'no_such_model'"),
+    (['--num-classes', '3'], '--num-classes 3 differs from the 10 classes of synthetic'),
+    (['--loss', 'spatial', '--mixup', '0.8'], "loss 'spatial' needs per-sample hard labels"),
+    (['--dataset', 'coco', '--data-dir', '/nonexistent'], 'dataset coco: COCO image folder not found'),
+])
+def test_bad_arguments_stop_with_one_line(synthetic_dir, tmp_path, extra, message):
+    result = _cli(*_args(synthetic_dir, tmp_path), *extra)
+    assert result.returncode == 2
+    errors = [l for l in result.stderr.splitlines() if 'error' in l]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / 'last.pth.tar').exists()
+
+
+def test_resume_file_for_another_model(synthetic_dir, tmp_path, train_script):
+    train_script.main(_args(synthetic_dir, tmp_path / 'a', '--epochs', '1', '--num-viz', '0'))
+    result = _cli(*_args(synthetic_dir, tmp_path / 'b', '--model', 'srn_test_convnext'),
+                  '--resume', str(tmp_path / 'a' / 'last.pth.tar'))
+    assert result.returncode == 2 and "holds a 'srn_test_resnet' checkpoint, not 'srn_test_convnext'" in result.stderr
+
+
+def test_unknown_dataset_and_loss_rejected_by_the_parser(tmp_path):
+    for extra in (['--dataset', 'nope'], ['--loss', 'nope']):
+        result = _cli('--output', str(tmp_path), *extra)
+        assert result.returncode == 2 and 'invalid choice' in result.stderr
+
+
+def test_torchrun_two_processes_gloo(synthetic_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+           str(SCRIPTS / 'train.py'), *_args(synthetic_dir, tmp_path, '--epochs', '1', '--loss', 'spatial',
+                                              '--loss-kwargs', 'warmup_epochs=0', '--num-viz', '0')]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint_file(tmp_path / 'last.pth.tar')
+    records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    # metrics gathered over both ranks, every image once: the 20% val split of train, and the official val as test
+    assert records[-1]['eval']['num_images'] == round(0.2 * 192)
+    assert json.loads((tmp_path / 'summary.json').read_text())['test']['num_images'] == 64
+    # the criterion saw both ranks' batches: 2 ranks x floor(77 / 16) batches x 16 (154 train images after the split)
+    num_train = 192 - round(0.2 * 192)
+    assert int(state['criterion']['samples_seen']) == 2 * ((num_train // 2 + num_train % 2) // 16) * 16
+    assert state['criterion']['heatmaps.seen'].sum(dim=(1, 2)).gt(0).sum() > 16 * 2

@@ -1,0 +1,474 @@
+#!/usr/bin/env python3
+"""Train multi-label models on timm's training pieces.
+
+- Full labels: BCE or timm's multi-label losses; SRN's four stages (--srn-stage 1|2|3|4|all).
+- Single positive labels (--loss an|spatial|...): the shared protocol (one positive per training image,
+  seed 1200; 20% of train as a fully labelled val split; official val as test), packed targets with the
+  sample index and crop geometry, any timm model.
+
+With no arguments it generates the built-in synthetic dataset (if absent) and trains a small SRN on CPU.
+Distributed: `torchrun --nproc_per_node N train_scripts/train.py ...` (nccl on GPU, gloo on CPU).
+"""
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import timm
+from timm.data import create_transform, resolve_data_config
+from timm.loss import create_classification_loss
+from timm.loss._loss_factory import MULTI_LABEL_LOSS_TYPES
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, init_distributed_device, random_seed, unwrap_model
+
+import timm_srn  # noqa: F401  registers the srn models
+from timm_srn.checkpoint import load_checkpoint_file, rng_state, save_atomic, set_rng_state
+from timm_srn.data import (
+    DATASET_NAMES, PackedTargetDataset, create_dataset, load_observed_labels, sample_single_positive,
+    save_observed_labels, split_train_val)
+from timm_srn.evaluation import IndexedDataset, evaluate, eval_transform as evaluation_transform
+from timm_srn.losses import SRNStageLoss, create_single_positive_loss
+from timm_srn.models import SRN
+
+_logger = logging.getLogger('train')
+
+SINGLE_POSITIVE_LOSSES = (
+    'an', 'an-ls', 'wan', 'epr', 'role', 'll-r', 'll-ct', 'll-cp', 'em', 'em-apl', 'consistency', 'en', 'spatial')
+LOSSES = MULTI_LABEL_LOSS_TYPES + SINGLE_POSITIVE_LOSSES
+BENCHMARK_NAMES = {'voc2007': 'voc', 'voc2012': 'voc'}  # expected-positive counts (EPR / ROLE) by benchmark
+METRIC_COLUMNS = ('mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1')
+
+
+class SetupError(Exception):
+    """A bad argument found before training starts: printed as one line."""
+
+
+def _kv(text: str) -> Dict[str, Any]:
+    key, _, value = text.partition('=')
+    return {key: yaml.safe_load(value)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', default='', help='YAML file of argument defaults (keys as the long options)')
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', default='synthetic', choices=DATASET_NAMES)
+    g.add_argument('--data-dir', default=None, help='dataset root (synthetic: generated here, default data/synthetic)')
+    g.add_argument('--max-train-images', type=int, default=None, help='use only the first N training images')
+    g.add_argument('--max-val-images', type=int, default=None, help='use only the first N validation images')
+    g.add_argument('--workers', type=int, default=2)
+    g.add_argument('--scale', type=float, nargs=2, default=(0.3, 1.0), help='RandomResizedCrop scale range')
+    g.add_argument('--hflip', type=float, default=0.5)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='srn_test_resnet', help='any registered model (srn_* or any timm model)')
+    g.add_argument('--model-kwargs', nargs='*', default=[], type=_kv, help='extra create_model args, key=value')
+    g.add_argument('--pretrained', action='store_true')
+    g.add_argument('--pretrained-backbone', action='store_true', help='SRN: timm pretrained weights for the backbone')
+    g.add_argument('--num-classes', type=int, default=None, help='must match the dataset when given')
+    g.add_argument('--img-size', type=int, default=128)
+    g.add_argument('--srn-stage', default=None, choices=('1', '2', '3', '4', 'all'))
+    g.add_argument('--stage4-loss', default='paper', choices=('paper', 'released'))
+    g = p.add_argument_group('loss')
+    g.add_argument('--loss', default='bce', choices=LOSSES,
+                   help='full labels: timm multi-label losses; single positive: ' + ', '.join(SINGLE_POSITIVE_LOSSES))
+    g.add_argument('--loss-kwargs', nargs='*', default=[], type=_kv, help='criterion options, key=value')
+    g.add_argument('--mixup', type=float, default=0.)
+    g.add_argument('--cutmix', type=float, default=0.)
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=8, help='epochs (per stage with --srn-stage all)')
+    g.add_argument('--batch-size', type=int, default=32)
+    g.add_argument('--opt', default='adamw')
+    g.add_argument('--lr', type=float, default=2e-3)
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--sched', default='cosine')
+    g.add_argument('--warmup-epochs', type=int, default=1)
+    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--model-ema', action='store_true')
+    g.add_argument('--model-ema-decay', type=float, default=0.998)
+    g.add_argument('--amp', default=None, choices=('bf16', 'fp16'), help='mixed precision (autocast) dtype')
+    g.add_argument('--channels-last', action='store_true')
+    g.add_argument('--torchcompile', default=None, help='torch.compile backend, e.g. inductor')
+    g = p.add_argument_group('run')
+    g.add_argument('--output', default='output/train', help='folder for checkpoints, logs, metrics and PNGs')
+    g.add_argument('--resume', default='', help='checkpoint to continue from (last.pth.tar)')
+    g.add_argument('--stop-after-epochs', type=int, default=None, help='stop after this many epochs of this run')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--no-progress', action='store_true')
+    g.add_argument('--num-viz', type=int, default=4, help='validation images to visualise at the end')
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    config, remaining = parser.parse_known_args(argv)
+    if config.config:
+        with open(config.config) as f:
+            parser.set_defaults(**{k.replace('-', '_'): v for k, v in yaml.safe_load(f).items()})
+    args = parser.parse_args(argv)
+    args.model_kwargs = {k: v for d in args.model_kwargs for k, v in d.items()}
+    args.loss_kwargs = {k: v for d in args.loss_kwargs for k, v in d.items()}
+    args.command = ' '.join(['python train_scripts/train.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    return args
+
+
+def is_srn_name(name: str) -> bool:
+    return name.split('.')[0].startswith('srn')
+
+
+def create_model(args, num_classes: int) -> nn.Module:
+    base = args.model.split('.')[0]
+    if not args.model.startswith('hf-hub:') and not timm.is_model(base):
+        raise SetupError(f"unknown model '{args.model}' (not registered with timm; see timm.list_models())")
+    kwargs = dict(args.model_kwargs)
+    if is_srn_name(args.model):
+        kwargs.setdefault('img_size', args.img_size)
+        if args.pretrained_backbone:
+            kwargs['pretrained_backbone'] = True
+    try:
+        return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise SetupError(f"cannot create model '{args.model}': {e}") from e
+
+
+def single_positive_split(args, train_full, output: Path):
+    """The protocol: 80/20 split of official train (seed 1200) and one observed positive per training image."""
+    train_idx, val_idx = split_train_val(len(train_full))
+    train, val = train_full.subset(train_idx), train_full.subset(val_idx)
+    path = output / 'observed_labels.npy'
+    if path.exists():
+        observed = load_observed_labels(path, len(train), train.num_classes)
+    else:
+        result = sample_single_positive(train.targets, seed=1200)
+        observed = result.labels
+        if result.num_without_positive:
+            _logger.warning(f'{result.num_without_positive} training images have no positive: no observed label.')
+        if _is_primary(args):
+            save_observed_labels(path, observed)
+    return train, val, observed
+
+
+def _is_primary(args) -> bool:
+    return args.rank == 0
+
+
+def build_criterion(args, model, num_samples: int, num_classes: int, stage: Optional[int]):
+    if args.loss in SINGLE_POSITIVE_LOSSES:
+        if args.mixup or args.cutmix:
+            raise SetupError(f"loss '{args.loss}' needs per-sample hard labels; mixup/cutmix mix samples")
+        criterion = create_single_positive_loss(
+            args.loss, num_samples, num_classes, dataset=BENCHMARK_NAMES.get(args.dataset, args.dataset),
+            **args.loss_kwargs)
+        criterion = criterion.to(args.device_obj)
+        if hasattr(criterion, 'attach'):
+            criterion.attach(model)
+        return criterion
+    base = create_classification_loss(args.loss, multi_label=True, soft_targets=bool(args.mixup or args.cutmix),
+                                      **args.loss_kwargs)
+    if stage is not None:
+        return SRNStageLoss(stage, args.stage4_loss, base_loss=base).attach(model)
+    return base
+
+
+def make_loader(dataset, args, train: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+    if args.distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=args.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+    elif train:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed + epoch))
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=train,
+        pin_memory=args.device_obj.type == 'cuda', persistent_workers=False)
+
+
+def load_datasets(args):
+    try:
+        return (create_dataset(args.dataset, args.data_dir, 'train'),
+                create_dataset(args.dataset, args.data_dir, 'val'))
+    except (ValueError, OSError) as e:
+        raise SetupError(f'dataset {args.dataset}: {e}') from e
+
+
+def stages_to_run(args) -> List[Optional[int]]:
+    if args.srn_stage is None:
+        return [None]
+    if not is_srn_name(args.model):
+        raise SetupError(f'--srn-stage needs an SRN model, got {args.model}')
+    return [1, 2, 3, 4] if args.srn_stage == 'all' else [int(args.srn_stage)]
+
+
+def checkpoint_state(args, model, optimizer, scheduler, criterion, ema, stage_index, epoch, step, best, metrics):
+    state = dict(
+        arch=args.model, model_args=unwrap_model(model)._model_args if hasattr(unwrap_model(model), '_model_args') else {},
+        args=vars(args), state_dict=unwrap_model(model).state_dict(), optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), stage_index=stage_index, epoch=epoch, step=step, best_metric=best,
+        metrics=metrics, rng=rng_state(), label_names=list(unwrap_model(model).pretrained_cfg.get('label_names', ())))
+    if isinstance(criterion, nn.Module):
+        state['criterion'] = criterion.state_dict()
+    if ema is not None:
+        state['state_dict_ema'] = ema.module.state_dict()
+    return state
+
+
+def _jsonable(args) -> Dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, tuple, dict, type(None)))
+            and k != 'device_obj'}
+
+
+def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, epoch, step, mixup_fn, scaler, stage):
+    model.train()
+    if hasattr(criterion, 'set_epoch'):
+        criterion.set_epoch(epoch)
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    device = args.device_obj
+    losses, start, seen = [], time.time(), 0
+    bar = tqdm(loader, desc=f'train {epoch}' + (f' stage {stage}' if stage else ''), leave=False,
+               disable=args.no_progress or not _is_primary(args))
+    optimizer.zero_grad(set_to_none=True)
+    updates_per_epoch = math.ceil(len(loader) / args.grad_accum_steps)
+    for batch_idx, (images, target) in enumerate(bar):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, target = mixup_fn(images, target)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        last_accum = (batch_idx + 1) % args.grad_accum_steps == 0 or batch_idx + 1 == len(loader)
+        sync = nullcontext() if last_accum or not args.distributed else model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = model(images)
+            loss = criterion(output, target)
+            scaled = loss / args.grad_accum_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if last_accum:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            scheduler.step_update(num_updates=step)
+            if ema is not None:
+                ema.update(model, step=step)
+        losses.append(loss.item())
+        seen += images.shape[0] * args.world_size
+        bar.set_postfix(loss=f'{np.mean(losses[-20:]):.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        img_s=f'{seen / (time.time() - start):.1f}')
+    scheduler.step(epoch + 1)
+    return float(np.mean(losses)) if losses else float('nan'), step, seen / (time.time() - start)
+
+
+def run(args) -> Dict[str, Any]:
+    output = Path(args.output)
+    device = init_distributed_device(args)
+    args.device_obj = device
+    if _is_primary(args):
+        output.mkdir(parents=True, exist_ok=True)
+    if args.distributed:
+        dist.barrier()
+    random_seed(args.seed, args.rank)
+
+    # --- data ---
+    if _is_primary(args):  # rank 0 generates the synthetic data (if absent) before the others read it
+        train_full, official_val = load_datasets(args)
+    if args.distributed:
+        dist.barrier()
+        if not _is_primary(args):
+            train_full, official_val = load_datasets(args)
+    if args.max_train_images:
+        train_full = train_full.subset(range(min(args.max_train_images, len(train_full))))
+    if args.max_val_images:
+        official_val = official_val.subset(range(min(args.max_val_images, len(official_val))))
+    num_classes = train_full.num_classes
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise SetupError(f'--num-classes {args.num_classes} differs from the {num_classes} classes of {args.dataset}')
+    single_positive = args.loss in SINGLE_POSITIVE_LOSSES
+    if single_positive:
+        train_set, val_set, observed = single_positive_split(args, train_full, output)
+        test_set = official_val
+    else:
+        train_set, val_set, observed, test_set = train_full, official_val, None, None
+
+    # --- model ---
+    model = create_model(args, num_classes)
+    model.pretrained_cfg['label_names'] = tuple(train_full.label_names)
+    stages = stages_to_run(args)
+    if args.resume:
+        resume_state = load_checkpoint_file(args.resume)
+        if resume_state.get('arch') != args.model:
+            raise SetupError(f"--resume {args.resume} holds a '{resume_state.get('arch')}' checkpoint, not '{args.model}'")
+        try:
+            model.load_state_dict(resume_state['state_dict'])
+        except RuntimeError as e:
+            raise SetupError(f'--resume {args.resume} does not fit this model: {str(e).splitlines()[0]}') from e
+    else:
+        resume_state = None
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    data_config = resolve_data_config(model=model)
+    data_config['input_size'] = (3, args.img_size, args.img_size)
+    train_transform = create_transform(**data_config, is_training=True, scale=tuple(args.scale), hflip=args.hflip,
+                                       auto_augment=None, re_prob=0.)
+    eval_transform = evaluation_transform(model, args.img_size)
+    if single_positive:
+        train_data = PackedTargetDataset(train_set, train_transform, observed)
+    else:
+        train_set.transform = train_transform
+        train_data = train_set
+    val_set.transform = eval_transform
+    val_loader = make_loader(IndexedDataset(val_set), args, train=False)
+    mixup_fn = None
+    if args.mixup or args.cutmix:
+        from timm.data import Mixup
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=0., num_classes=num_classes)
+
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) \
+        if args.distributed else model
+    train_model = torch.compile(ddp_model, backend=args.torchcompile) if args.torchcompile else ddp_model
+    scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' and device.type == 'cuda' else None
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+
+    def _evaluate(eval_model, loader):
+        return evaluate(eval_model, loader, device, amp_dtype=amp_dtype, distributed=args.distributed,
+                        channels_last=args.channels_last, progress=not args.no_progress and _is_primary(args))
+
+    metrics_file = output / 'metrics.jsonl'
+    history: List[Dict[str, Any]] = []
+    start_stage = resume_state['stage_index'] if resume_state else 0
+    start_epoch = resume_state['epoch'] + 1 if resume_state else 0
+    best = resume_state['best_metric'] if resume_state else -1.
+    if resume_state is None:
+        initial = _evaluate(model, val_loader)
+        history.append(dict(epoch=-1, stage=None, eval=initial))
+        if _is_primary(args):
+            _logger.info(f"untrained: val mAP {initial['mAP']:.2f}")
+            metrics_file.write_text(json.dumps(history[-1]) + '\n')
+    epochs_this_run = 0
+    last_eval: Dict[str, float] = {}
+    criterion = None
+    for stage_index in range(start_stage, len(stages)):
+        stage = stages[stage_index]
+        if stage is not None:
+            model.set_stage(stage)
+        criterion = build_criterion(args, model, len(train_data), num_classes, stage)
+        optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+        if isinstance(criterion, nn.Module) and any(p.requires_grad for p in criterion.parameters()):
+            optimizer.add_param_group(dict(params=list(criterion.parameters()), weight_decay=0.))
+        probe_loader = make_loader(train_data, args, train=True)
+        updates_per_epoch = math.ceil(len(probe_loader) / args.grad_accum_steps)
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+        step = 0
+        first_epoch = 0
+        if resume_state is not None and stage_index == start_stage:
+            optimizer.load_state_dict(resume_state['optimizer'])
+            scheduler.load_state_dict(resume_state['scheduler'])
+            if 'criterion' in resume_state:
+                criterion.load_state_dict(resume_state['criterion'])
+            if ema is not None and 'state_dict_ema' in resume_state:
+                ema.module.load_state_dict(resume_state['state_dict_ema'])
+            step, first_epoch, last_eval = resume_state['step'], start_epoch, resume_state['metrics']
+            set_rng_state(resume_state['rng'])
+            if first_epoch >= num_epochs:
+                continue
+        for epoch in range(first_epoch, num_epochs):
+            if args.stop_after_epochs is not None and epochs_this_run >= args.stop_after_epochs:
+                return dict(history=history, last_eval=last_eval, stopped=True)
+            random_seed(args.seed + 1000 * stage_index + epoch, args.rank)  # resumable per-epoch randomness
+            loader = make_loader(train_data, args, train=True, epoch=epoch)
+            train_loss, step, throughput = train_one_epoch(
+                args, train_model, loader, criterion, optimizer, scheduler, ema, epoch, step, mixup_fn, scaler, stage)
+            last_eval = _evaluate(model, val_loader)
+            record = dict(epoch=epoch, stage=stage, train_loss=train_loss, lr=optimizer.param_groups[0]['lr'],
+                          img_per_s=throughput, eval=last_eval)
+            if ema is not None:
+                record['eval_ema'] = _evaluate(ema.module, val_loader)
+            history.append(record)
+            epochs_this_run += 1
+            if _is_primary(args):
+                _logger.info(f"epoch {epoch}{f' stage {stage}' if stage else ''}: loss {train_loss:.4f} "
+                             f"val mAP {last_eval['mAP']:.2f} ({throughput:.1f} img/s)")
+                with open(metrics_file, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                state = checkpoint_state(args, model, optimizer, scheduler, criterion, ema, stage_index, epoch, step,
+                                         max(best, last_eval['mAP']), last_eval)
+                state['args'] = _jsonable(args)
+                save_atomic(state, output / 'last.pth.tar')
+                if last_eval['mAP'] > best:
+                    save_atomic(state, output / 'best.pth.tar')
+            best = max(best, last_eval['mAP'])
+        resume_state = None
+    summary = dict(args=_jsonable(args), last_eval=last_eval, best_mAP=best)
+    if test_set is not None:
+        test_set.transform = eval_transform
+        summary['test'] = _evaluate(model, make_loader(IndexedDataset(test_set), args, train=False))
+    if _is_primary(args):
+        (output / 'summary.json').write_text(json.dumps(summary, indent=2))
+        print_table(history, summary)
+        write_visualisations(args, model, val_set, output)
+    return dict(history=history, last_eval=last_eval, summary=summary, stopped=False)
+
+
+def print_table(history: List[Dict[str, Any]], summary: Dict[str, Any]) -> None:
+    header = f"{'epoch':>6} {'stage':>5} " + ' '.join(f'{c:>12}' for c in METRIC_COLUMNS)
+    lines = [header, '-' * len(header)]
+    for record in history:
+        name = 'init' if record['epoch'] < 0 else str(record['epoch'])
+        lines.append(f"{name:>6} {str(record.get('stage') or '-'):>5} " +
+                     ' '.join(f"{record['eval'][c]:12.2f}" for c in METRIC_COLUMNS))
+    if 'test' in summary:
+        lines.append(f"{'test':>6} {'-':>5} " + ' '.join(f"{summary['test'][c]:12.2f}" for c in METRIC_COLUMNS))
+    print('\n'.join(lines))
+
+
+def write_visualisations(args, model, dataset, output: Path) -> None:
+    """Attention / class-map grids of a few validation images (PNG)."""
+    from timm_srn.viz import save_model_overlays
+    for index in range(min(args.num_viz, len(dataset))):
+        image = dataset.load_image(index)
+        save_model_overlays(model, image, output / f'viz_val_{index}.png', label_names=dataset.label_names)
+    if args.num_viz and _is_primary(args):
+        _logger.info(f'wrote {min(args.num_viz, len(dataset))} visualisations to {output}')
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+    args = parse_args(argv)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    log_file = logging.FileHandler(Path(args.output) / 'train.log')
+    logging.getLogger().addHandler(log_file)
+    try:
+        return run(args)
+    except SetupError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    finally:
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

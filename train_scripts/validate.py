@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Evaluate a training checkpoint, a weights file or a Hub model on a dataset; write every metric as JSON.
+
+Examples:
+    python train_scripts/validate.py --checkpoint output/train/last.pth.tar --dataset synthetic
+    python train_scripts/validate.py --model srn_resnet101.coco_224 --pretrained --dataset coco --data-dir /data/coco
+    python train_scripts/validate.py --model hf-hub:timm-srn/srn_resnet101.coco_224 --pretrained --dataset coco ...
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import timm
+
+import timm_srn
+from timm_srn.checkpoint import create_model_from_checkpoint, load_checkpoint_file
+from timm_srn.data import DATASET_NAMES, create_dataset
+from timm_srn.evaluation import IndexedDataset, eval_transform, evaluate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument('--checkpoint', help='a train.py checkpoint (last.pth.tar / best.pth.tar)')
+    source.add_argument('--model', help='registered name (with tag) or hf-hub:ORG/NAME')
+    p.add_argument('--pretrained', action='store_true', help='with --model: load its pretrained weights')
+    p.add_argument('--weights', default=None, help='with --model: a local weights file (safetensors or .pth)')
+    p.add_argument('--use-ema', action='store_true', help='with --checkpoint: the EMA weights')
+    p.add_argument('--dataset', default='synthetic', choices=DATASET_NAMES)
+    p.add_argument('--data-dir', default=None)
+    p.add_argument('--split', default='val', choices=('train', 'val'))
+    p.add_argument('--max-images', type=int, default=None, help='evaluate only the first N images')
+    p.add_argument('--img-size', type=int, default=None, help='resolution (default: the checkpoint / model config)')
+    p.add_argument('--tta-flip', action='store_true', help='average the logits of the image and its mirror')
+    p.add_argument('--ap', default='noninterp', choices=('noninterp', 'voc'))
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--amp', default=None, choices=('bf16', 'fp16'))
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--output', default='validate.json', help='JSON file to write')
+    return p
+
+
+def load_model(args) -> torch.nn.Module:
+    if args.checkpoint:
+        return create_model_from_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    overlay = dict(file=args.weights) if args.weights else None
+    return timm.create_model(args.model, pretrained=args.pretrained or bool(args.weights), pretrained_cfg_overlay=overlay)
+
+
+def run(args) -> Dict[str, Any]:
+    device = torch.device(args.device)
+    try:
+        model = load_model(args)
+        dataset = create_dataset(args.dataset, args.data_dir, args.split)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f'validate.py: error: {e}') from e
+    if args.max_images:
+        dataset = dataset.subset(range(min(args.max_images, len(dataset))))
+    if model.num_classes != dataset.num_classes:
+        raise SystemExit(f'validate.py: error: the model predicts {model.num_classes} classes but '
+                         f'{args.dataset} has {dataset.num_classes}')
+    img_size = args.img_size
+    if img_size is None and args.checkpoint:
+        img_size = load_checkpoint_file(args.checkpoint).get('args', {}).get('img_size')
+    dataset.transform = eval_transform(model, img_size)
+    loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=args.batch_size, num_workers=args.workers)
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    metrics = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, tta_flip=args.tta_flip, ap=args.ap)
+    settings = {k: v for k, v in vars(args).items() if k not in ('output',)}
+    settings.update(img_size=img_size or model.pretrained_cfg['input_size'][-1], timm_srn_version=timm_srn.__version__,
+                    timm_version=timm.__version__, num_classes=model.num_classes)
+    result = dict(metrics=metrics, settings=settings)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    for name in ('mAP', 'CF1', 'CF1_harmonic', 'OF1', 'top3_CF1', 'top3_OF1'):
+        print(f'{name:>14}: {metrics[name]:.2f}')
+    print(f'wrote {args.output}')
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    logging.basicConfig(level=logging.WARNING)
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == '__main__':
+    main()
