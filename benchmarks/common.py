@@ -1,9 +1,12 @@
 """Side-by-side timing: candidates run interleaved in one process, so ratios share the same machine state."""
+import argparse
 import statistics
 import time
 from typing import Callable, Dict
 
 import torch
+
+from timm_srn.evaluation import AMP_DTYPES
 
 
 def sync(device: torch.device) -> None:
@@ -32,3 +35,15 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     import platform
     return f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--num-classes', type=int, default=80)
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--amp', default=None, choices=tuple(AMP_DTYPES))
+    return p

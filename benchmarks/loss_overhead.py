@@ -9,8 +9,6 @@
     python benchmarks/loss_overhead.py                   # CPU, batch 8
     python benchmarks/loss_overhead.py --device cuda --batch-size 32 --amp bf16
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 
@@ -18,23 +16,17 @@ import timm
 from timm_srn.data import pack_target
 from timm_srn.losses import HeatmapBuffer, SpatialConsistencyLoss
 
-from common import device_name, time_interleaved
+from common import AMP_DTYPES, benchmark_parser, device_name, time_interleaved
 
 DATASETS = {'COCO 2014 train': (82_783, 80), 'ImageNet-1K train': (1_281_167, 1000)}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--num-classes', type=int, default=80)
+    p = benchmark_parser(__doc__)
     p.add_argument('--num-samples', type=int, default=82_783, help='buffer rows (COCO train by default)')
-    p.add_argument('--steps', type=int, default=10)
-    p.add_argument('--amp', default=None, choices=('bf16', 'fp16'))
     args = p.parse_args()
     device = torch.device(args.device)
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    amp_dtype = AMP_DTYPES.get(args.amp)
     n, c, b = args.num_samples, args.num_classes, args.batch_size
 
     models = {name: timm.create_model('resnet50', num_classes=c).to(device).train() for name in ('bce', 'spatial')}

@@ -5,8 +5,6 @@ printed as ratios, plus the FLOP ratio from torch.utils.flop_counter. Targets: t
     python benchmarks/srn_overhead.py                    # CPU, batch 8
     python benchmarks/srn_overhead.py --device cuda --batch-size 64 --amp bf16 --channels-last
 """
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -14,21 +12,15 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 import timm_srn  # noqa: F401
 
-from common import device_name, time_interleaved
+from common import AMP_DTYPES, benchmark_parser, device_name, time_interleaved
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--num-classes', type=int, default=80)
-    p.add_argument('--steps', type=int, default=10)
-    p.add_argument('--amp', default=None, choices=('bf16', 'fp16'))
+    p = benchmark_parser(__doc__)
     p.add_argument('--channels-last', action='store_true')
     args = p.parse_args()
     device = torch.device(args.device)
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    amp_dtype = AMP_DTYPES.get(args.amp)
     models = {
         'resnet101': timm.create_model('resnet101', num_classes=args.num_classes),
         'srn_resnet101': timm.create_model('srn_resnet101', num_classes=args.num_classes, img_size=args.img_size),

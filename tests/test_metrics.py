@@ -75,3 +75,25 @@ def test_accumulator_equals_one_call_and_drops_padding():
         acc.update(scores[i:i + 8], targets[i:i + 8], index=torch.arange(i, min(i + 8, 50)))
     acc.update(scores[:2], targets[:2], index=torch.arange(2))  # sampler padding repeats the first rows
     assert acc.compute() == multilabel_metrics(scores, targets, top_k=3)
+
+
+def _accumulate_on_rank(rank, init_file, result_file):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    scores, targets = _random(50)
+    sampler = torch.utils.data.DistributedSampler(range(50), num_replicas=2, rank=rank, shuffle=True, seed=0)
+    index = torch.tensor(list(sampler))  # 25 each; padding when the size is odd
+    acc = MultilabelMetricAccumulator(top_k=3)
+    for chunk in index.split(8):
+        acc.update(scores[chunk], targets[chunk], index=chunk)
+    torch.save(acc.compute(distributed=True), result_file + f'.{rank}')
+    dist.destroy_process_group()
+
+
+def test_accumulator_across_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_accumulate_on_rank, args=(str(tmp_path / 'init'), str(tmp_path / 'metrics')), nprocs=2, join=True)
+    scores, targets = _random(50)
+    expected = multilabel_metrics(scores, targets, top_k=3)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f'metrics.{rank}') == expected

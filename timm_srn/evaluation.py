@@ -8,7 +8,10 @@ from tqdm import tqdm
 
 from .metrics import MultilabelMetricAccumulator
 
-__all__ = ['IndexedDataset', 'evaluate', 'eval_transform']
+__all__ = ['AMP_DTYPES', 'IndexedDataset', 'evaluate', 'eval_transform']
+
+# --amp names of the scripts
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def eval_transform(model: nn.Module, img_size: Optional[int] = None):

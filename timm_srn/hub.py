@@ -86,9 +86,8 @@ def model_card(
                                           if label_names else ''),
         '- **Papers:** SRN [arXiv:1702.05891](https://arxiv.org/abs/1702.05891); spatial consistency loss (WACV 2023)',
         '', '## Usage', '', '```python',
-        'import timm',
         'import timm_srn  # timm has no plugin discovery: this registers the srn models',
-        'import torch', '',
+        'import timm', '',
         f"model = timm.create_model('{load_name}', pretrained=True).eval()",
         'config = timm.data.resolve_data_config(model=model)',
         'transform = timm.data.create_transform(**config)',
@@ -155,7 +154,6 @@ def publish_folder(folder: Union[str, Path], repo_id: str, private: bool = False
 
 def write_hub_cards(out_dir: Union[str, Path] = 'hub_cards', results_dir: Optional[Union[str, Path]] = None) -> Dict[str, Path]:
     """One card per registered pretrained srn tag; metrics from `results_dir/<tag>.json` (validate.py output)."""
-    import timm_srn  # noqa: F401  registers the tags
     out_dir = Path(out_dir)
     results_dir = Path(results_dir) if results_dir else out_dir / 'results'
     written = {}

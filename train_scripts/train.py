@@ -41,9 +41,8 @@ from timm_srn.checkpoint import load_checkpoint_file, rng_state, save_atomic, se
 from timm_srn.data import (
     DATASET_NAMES, PackedTargetDataset, create_dataset, load_observed_labels, sample_single_positive,
     save_observed_labels, split_train_val)
-from timm_srn.evaluation import IndexedDataset, evaluate, eval_transform as evaluation_transform
+from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform
 from timm_srn.losses import SRNStageLoss, create_single_positive_loss
-from timm_srn.models import SRN
 
 _logger = logging.getLogger('train')
 
@@ -100,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--grad-accum-steps', type=int, default=1)
     g.add_argument('--model-ema', action='store_true')
     g.add_argument('--model-ema-decay', type=float, default=0.998)
-    g.add_argument('--amp', default=None, choices=('bf16', 'fp16'), help='mixed precision (autocast) dtype')
+    g.add_argument('--amp', default=None, choices=tuple(AMP_DTYPES), help='mixed precision (autocast) dtype')
     g.add_argument('--channels-last', action='store_true')
     g.add_argument('--torchcompile', default=None, help='torch.compile backend, e.g. inductor')
     g = p.add_argument_group('run')
@@ -236,13 +235,12 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, e
     model.train()
     if hasattr(criterion, 'set_epoch'):
         criterion.set_epoch(epoch)
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    amp_dtype = AMP_DTYPES.get(args.amp)
     device = args.device_obj
     losses, start, seen = [], time.time(), 0
     bar = tqdm(loader, desc=f'train {epoch}' + (f' stage {stage}' if stage else ''), leave=False,
                disable=args.no_progress or not _is_primary(args))
     optimizer.zero_grad(set_to_none=True)
-    updates_per_epoch = math.ceil(len(loader) / args.grad_accum_steps)
     for batch_idx, (images, target) in enumerate(bar):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -346,7 +344,7 @@ def run(args) -> Dict[str, Any]:
         if args.distributed else model
     train_model = torch.compile(ddp_model, backend=args.torchcompile) if args.torchcompile else ddp_model
     scaler = torch.amp.GradScaler(device.type) if args.amp == 'fp16' and device.type == 'cuda' else None
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    amp_dtype = AMP_DTYPES.get(args.amp)
 
     def _evaluate(eval_model, loader):
         return evaluate(eval_model, loader, device, amp_dtype=amp_dtype, distributed=args.distributed,

@@ -9,7 +9,6 @@ Examples:
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -20,7 +19,7 @@ import timm
 import timm_srn
 from timm_srn.checkpoint import create_model_from_checkpoint, load_checkpoint_file
 from timm_srn.data import DATASET_NAMES, create_dataset
-from timm_srn.evaluation import IndexedDataset, eval_transform, evaluate
+from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, eval_transform, evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--ap', default='noninterp', choices=('noninterp', 'voc'))
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--amp', default=None, choices=('bf16', 'fp16'))
+    p.add_argument('--amp', default=None, choices=tuple(AMP_DTYPES))
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--output', default='validate.json', help='JSON file to write')
     return p
@@ -70,7 +69,7 @@ def run(args) -> Dict[str, Any]:
         img_size = load_checkpoint_file(args.checkpoint).get('args', {}).get('img_size')
     dataset.transform = eval_transform(model, img_size)
     loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=args.batch_size, num_workers=args.workers)
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
+    amp_dtype = AMP_DTYPES.get(args.amp)
     metrics = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, tta_flip=args.tta_flip, ap=args.ap)
     settings = {k: v for k, v in vars(args).items() if k not in ('output',)}
     settings.update(img_size=img_size or model.pretrained_cfg['input_size'][-1], timm_srn_version=timm_srn.__version__,

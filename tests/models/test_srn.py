@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import timm
 from safetensors.torch import save_file
 
-from timm_srn import SRN, srn_stage_loss
+from timm_srn import srn_stage_loss
 
 
 def _tiny(name='srn_test_resnet', **kwargs):
@@ -203,3 +203,17 @@ def test_output_hook_sees_all_branches():
     handle.remove()
     model(torch.randn(1, 3, 160, 160))
     assert len(seen) == 1 and seen[0].logits is logits
+
+
+@pytest.mark.parametrize('backbone', [
+    'test_resnet', 'test_convnext', 'test_efficientnet', 'test_nfnet', 'test_byobnet', 'test_vit', 'test_vit2'])
+def test_any_timm_backbone_trains(backbone):
+    model = timm.create_model('srn', backbone=backbone, num_classes=4, img_size=160)
+    reference = timm.create_model(backbone).pretrained_cfg
+    assert model.pretrained_cfg['first_conv'] == f"backbone.{reference['first_conv']}"
+    assert (model.pretrained_cfg['pool_size'] is None) == (reference['pool_size'] is None)
+    out = model.forward_branches(torch.randn(2, 3, 160, 160))
+    assert out.logits.shape == (2, 4) and out.attention.shape[-2:] == (10, 10)
+    torch.testing.assert_close(out.attention.sum(dim=(2, 3)), torch.ones(2, 4))
+    srn_stage_loss(out, torch.ones(2, 4), 4).backward()
+    assert all(p.grad is not None for p in model.parameters())

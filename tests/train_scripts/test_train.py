@@ -3,14 +3,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from timm_srn.checkpoint import load_checkpoint_file
 
-from .conftest import SCRIPTS
+from .conftest import SCRIPTS, load_script
 
 TINY = ['--model', 'srn_test_resnet', '--img-size', '96', '--batch-size', '16', '--workers', '0', '--no-progress',
         '--max-train-images', '192', '--max-val-images', '64', '--num-viz', '1', '--lr', '3e-3']
@@ -34,6 +33,18 @@ def test_two_epochs_improve_map_and_validate_reproduces_it(synthetic_dir, tmp_pa
     assert validated['metrics'] == result['last_eval']
     assert json.loads(out.read_text())['metrics'] == result['last_eval']
     assert set(validated['metrics']) >= {'mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1'}
+    flipped = validate_script.main(['--checkpoint', str(tmp_path / 'last.pth.tar'), '--data-dir', str(synthetic_dir),
+                                    '--max-images', '64', '--workers', '0', '--tta-flip', '--output', str(out)])
+    assert flipped['settings']['tta_flip'] and flipped['metrics']['mAP'] != validated['metrics']['mAP']
+
+    # publish: a dry run writes the Hub folder whose card holds the validated numbers and the training command
+    publish = load_script('publish')
+    folder = publish.main(['--checkpoint', str(tmp_path / 'best.pth.tar'), '--results', str(out), '--repo-id',
+                           'me/srn-synthetic', '--out', str(tmp_path / 'hub'), '--dry-run'])
+    card = (folder / 'README.md').read_text()
+    assert f"{flipped['metrics']['mAP']:.2f}" in card and 'python train_scripts/train.py --data-dir' in card
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['label_names'][-1] == 'ball left of dog' and config['model_args']['pretrained_backbone'] is False
 
 
 def test_resume_after_epoch_one_matches_uninterrupted_run(synthetic_dir, tmp_path, train_script):
@@ -107,3 +118,16 @@ def test_torchrun_two_processes_gloo(synthetic_dir, tmp_path):
     num_train = 192 - round(0.2 * 192)
     assert int(state['criterion']['samples_seen']) == 2 * ((num_train // 2 + num_train % 2) // 16) * 16
     assert state['criterion']['heatmaps.seen'].sum(dim=(1, 2)).gt(0).sum() > 16 * 2
+
+
+def test_config_file_and_training_options(synthetic_dir, tmp_path, train_script):
+    """--config YAML defaults, channels_last, gradient accumulation, model EMA and torch.compile in one run."""
+    config = tmp_path / 'config.yaml'
+    config.write_text('epochs: 1\nchannels_last: true\ngrad_accum_steps: 2\nmodel_ema: true\ntorchcompile: eager\n')
+    args = train_script.parse_args(['--config', str(config), '--lr', '1e-3'])
+    assert args.epochs == 1 and args.grad_accum_steps == 2 and args.lr == 1e-3
+    result = train_script.main(_args(synthetic_dir, tmp_path / 'run', '--config', str(config), '--num-viz', '0'))
+    record = result['history'][-1]
+    assert 'eval_ema' in record and record['eval']['num_images'] == 64
+    state = torch.load(tmp_path / 'run' / 'last.pth.tar', weights_only=True)
+    assert 'state_dict_ema' in state and state['step'] == 6  # 192 images / 16 per batch / 2 accumulation steps

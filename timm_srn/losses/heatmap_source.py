@@ -1,5 +1,5 @@
 """Obtain per-class heatmaps from a model during its ordinary forward, which still returns plain logits."""
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn

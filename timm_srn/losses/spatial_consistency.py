@@ -12,7 +12,6 @@ After the loss, the EMA predictions and the heatmap buffer are updated with the 
 The consistency and spatial terms start after `warmup_epochs` (from `set_epoch`, or, when the training
 loop never calls it, from the number of samples seen divided by `num_samples`).
 """
-import math
 from typing import Dict, Optional, Tuple
 
 import torch

@@ -415,10 +415,13 @@ def _backbone_cfg_overlay(backbone: str, img_size: Union[int, Tuple[int, int]]) 
     """pretrained_cfg entries that follow the chosen backbone (first conv, normalisation, input size)."""
     cfg = get_pretrained_cfg(backbone) or get_pretrained_cfg(split_model_name_tag(backbone)[0])
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    overlay = dict(input_size=(3, *size), pool_size=tuple(math.ceil(s / 32) for s in size))
+    overlay = dict(input_size=(3, *size))
     if cfg is not None:
         first_conv = cfg.first_conv if isinstance(cfg.first_conv, str) else cfg.first_conv[0]
-        overlay.update(first_conv=f'backbone.{first_conv}', mean=cfg.mean, std=cfg.std)
+        # the backbone's final map scales with the input; token models (ViT) have none
+        pool_size = None if cfg.pool_size is None else \
+            tuple(math.ceil(p * s / i) for p, s, i in zip(cfg.pool_size, size, cfg.input_size[1:]))
+        overlay.update(first_conv=f'backbone.{first_conv}', mean=cfg.mean, std=cfg.std, pool_size=pool_size)
     return overlay
 
 
