@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.task.evaluator import _gather_rows
 
 __all__ = ['HeatmapBuffer', 'crop_to_frame_grid', 'frame_to_crop_grid']
 
@@ -229,32 +230,19 @@ class HeatmapBuffer(nn.Module):
         return current.gather(1, ids[:, :, None, None].expand(-1, -1, *current.shape[-2:]))
 
     def _gather(self, index, maps, boxes, flips, class_scores, positives):
-        """All ranks' writes in rank order (identity when not distributed)."""
+        """All ranks' writes in rank order (identity when not distributed): the index as int64, the rest as
+        one float32 payload per row."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return index, maps, boxes, flips, class_scores, positives
-        batch, _, h, w = maps.shape
-        fields = [index.double()[:, None], maps.float().flatten(1).double(), boxes.double(), flips.double()[:, None]]
-        if class_scores is not None:
-            fields.append(class_scores.double())
-        if positives is not None:
-            fields.append(positives.double())
-        rows = torch.cat(fields, dim=1)
-        sizes = [torch.zeros((), dtype=torch.int64, device=rows.device) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, torch.tensor(batch, device=rows.device))
-        padded = rows.new_zeros(int(max(sizes)), rows.shape[1])
-        padded[:batch] = rows
-        gathered = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(gathered, padded)
-        rows = torch.cat([g[:int(n)] for g, n in zip(gathered, sizes)])
-        cells = self.num_classes * h * w
-        index = rows[:, 0].long()
-        maps = rows[:, 1:1 + cells].float().view(-1, self.num_classes, h, w)
-        boxes = rows[:, 1 + cells:5 + cells].float()
-        flips = rows[:, 5 + cells] > 0.5
-        offset = 6 + cells
-        if class_scores is not None:
-            class_scores = rows[:, offset:offset + self.num_classes].float()
-            offset += self.num_classes
-        if positives is not None:
-            positives = rows[:, offset:offset + self.num_classes].float()
-        return index, maps, boxes, flips, class_scores, positives
+        h, w = maps.shape[-2:]
+        fields = [maps.float().flatten(1), boxes.float(), flips.float()[:, None]]
+        fields += [t.float() for t in (class_scores, positives) if t is not None]
+        payload = torch.cat(fields, dim=1)
+        index = _gather_rows(index.long()[:, None], index.device).to(index.device)[:, 0]
+        payload = _gather_rows(payload, payload.device).to(payload.device)
+        maps, boxes, flips, rest = payload.split([self.num_classes * h * w, 4, 1, payload.shape[1] - self.num_classes * h * w - 5], dim=1)
+        extra = iter(rest.split(self.num_classes, dim=1))
+        class_scores = next(extra) if class_scores is not None else None
+        positives = next(extra) if positives is not None else None
+        return index, maps.reshape(-1, self.num_classes, h, w), boxes, flips[:, 0] > 0.5, class_scores, positives
+

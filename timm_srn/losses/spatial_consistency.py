@@ -97,7 +97,12 @@ class SpatialConsistencyLoss(nn.Module):
         self.register_buffer('samples_seen', torch.zeros((), dtype=torch.int64, device=device))
         self._epoch_set = False
         self._source: Optional[HeatmapSource] = None
-        self.last_terms: Dict[str, float] = {}
+        self._last_terms: Dict[str, torch.Tensor] = {}
+
+    @property
+    def last_terms(self) -> Dict[str, float]:
+        """The weighted terms of the latest call (converted on access, so logging costs no sync per step)."""
+        return {name: float(value) for name, value in self._last_terms.items()}
 
     def attach(self, model: nn.Module) -> 'SpatialConsistencyLoss':
         """Capture the model's heatmaps during its forward (needed by the spatial term). Returns self."""
@@ -150,7 +155,7 @@ class SpatialConsistencyLoss(nn.Module):
                 squared = (maps.float() - stored).pow(2) * valid
                 terms['spatial'] = self.spatial_weight * squared.sum() / max(valid[:, :1].numel() * self.num_classes, 1)
         loss = sum(terms.values())
-        self.last_terms = {name: float(value.detach()) for name, value in terms.items()}
+        self._last_terms = {name: value.detach() for name, value in terms.items()}
         if self.training:
             self._update(packed, logits, observed, maps)
         return loss
