@@ -8,12 +8,12 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ['save_atomic', 'load_checkpoint_file', 'rng_state', 'set_rng_state']
+__all__ = ['save_atomic', 'load_checkpoint_file', 'rng_state', 'set_rng_state', 'create_model_from_checkpoint', 'load_model']
 
 
 def save_atomic(state: Dict[str, Any], path: Union[str, Path]) -> None:
@@ -80,3 +80,14 @@ def create_model_from_checkpoint(path: Union[str, Path], use_ema: bool = False, 
     if state.get('label_names'):
         model.pretrained_cfg['label_names'] = tuple(state['label_names'])
     return model
+
+
+def load_model(source: Union[str, Path], pretrained: bool = False, weights: Optional[Union[str, Path]] = None,
+               use_ema: bool = False) -> torch.nn.Module:
+    """A model from a train.py checkpoint file, or by registered name / `hf-hub:` id with its pretrained weights
+    (`pretrained=True`) or a local weights file (`weights=`, safetensors or .pth, via timm's loader)."""
+    import timm
+    if Path(source).is_file():
+        return create_model_from_checkpoint(source, use_ema=use_ema)
+    overlay = dict(file=str(weights)) if weights else None
+    return timm.create_model(str(source), pretrained=pretrained or weights is not None, pretrained_cfg_overlay=overlay)

@@ -16,9 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import timm
-from timm.data import create_transform, resolve_data_config
-
+from .checkpoint import load_model
+from .evaluation import eval_transform
 from .losses.heatmap_buffer import HeatmapBuffer
 from .losses.heatmap_source import HeatmapSource
 from .models.srn import SRN
@@ -64,9 +63,7 @@ def _grid(rows: List[List[Tuple[str, Image.Image]]], path: Union[str, Path]) -> 
 
 
 def _input_tensor(model: nn.Module, image: Image.Image) -> torch.Tensor:
-    config = resolve_data_config(model=model)
-    transform = create_transform(**config, is_training=False)
-    return transform(image.convert('RGB'))[None].to(next(model.parameters()).device)
+    return eval_transform(model)(image.convert('RGB'))[None].to(next(model.parameters()).device)
 
 
 def _choose(probs: torch.Tensor, labels: Optional[Sequence[int]], top_k: int) -> List[int]:
@@ -127,13 +124,6 @@ def save_buffer_overlays(
     return _grid([row], path)
 
 
-def _load_model(name_or_checkpoint: str, pretrained: bool) -> nn.Module:
-    from .checkpoint import create_model_from_checkpoint
-    if Path(name_or_checkpoint).is_file():
-        return create_model_from_checkpoint(name_or_checkpoint)
-    return timm.create_model(name_or_checkpoint, pretrained=pretrained)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog='python -m timm_srn.viz', description=__doc__.split('\n')[0])
     parser.add_argument('--model', required=True, help='registered model name, hf-hub:ORG/NAME, or a checkpoint file')
@@ -143,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--top-k', type=int, default=3)
     parser.add_argument('--labels', type=int, nargs='*', default=None, help='class indices instead of the top-k')
     args = parser.parse_args(argv)
-    model = _load_model(args.model, args.pretrained)
+    model = load_model(args.model, args.pretrained)
     names = model.pretrained_cfg.get('label_names') if hasattr(model, 'pretrained_cfg') else None
     path = save_model_overlays(model, Image.open(args.image), args.out, names, args.top_k, args.labels)
     print(f'wrote {path}')

@@ -17,7 +17,7 @@ import torch
 import timm
 
 import timm_srn
-from timm_srn.checkpoint import create_model_from_checkpoint, load_checkpoint_file
+from timm_srn.checkpoint import load_checkpoint_file, load_model
 from timm_srn.data import DATASET_NAMES, create_dataset
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, eval_transform, evaluate
 
@@ -45,17 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(args) -> torch.nn.Module:
-    if args.checkpoint:
-        return create_model_from_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    overlay = dict(file=args.weights) if args.weights else None
-    return timm.create_model(args.model, pretrained=args.pretrained or bool(args.weights), pretrained_cfg_overlay=overlay)
-
-
 def run(args) -> Dict[str, Any]:
     device = torch.device(args.device)
     try:
-        model = load_model(args)
+        model = load_model(args.checkpoint or args.model, args.pretrained, args.weights, args.use_ema)
         dataset = create_dataset(args.dataset, args.data_dir, args.split)
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f'validate.py: error: {e}') from e

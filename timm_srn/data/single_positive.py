@@ -5,6 +5,7 @@
   counted in the result.
 - `split_train_val`: 20% of the official train set becomes a fully labelled validation split (seed 1200).
 """
+import os
 from pathlib import Path
 from typing import NamedTuple, Tuple, Union
 
@@ -40,7 +41,12 @@ def split_train_val(num_images: int, val_fraction: float = 0.2, seed: int = 1200
 
 
 def save_observed_labels(path: Union[str, Path], labels: np.ndarray) -> None:
-    np.save(path, np.asarray(labels, dtype=np.float32))
+    """Write atomically (temporary file + rename): a concurrent reader never sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    with open(tmp, 'wb') as f:
+        np.save(f, np.asarray(labels, dtype=np.float32))
+    os.replace(tmp, path)
 
 
 def load_observed_labels(path: Union[str, Path], num_images: int, num_classes: int) -> np.ndarray:
