@@ -77,8 +77,8 @@ def create_model_from_checkpoint(path: Union[str, Path], use_ema: bool = False, 
     if key not in state:
         raise ValueError(f'{path} has no {key} (train with --model-ema for EMA weights).')
     model.load_state_dict(state[key])
-    if state.get('label_names'):
-        model.pretrained_cfg['label_names'] = tuple(state['label_names'])
+    # what the weights were trained for (label names, input size)
+    model.pretrained_cfg.update({k: tuple(v) for k, v in state.get('pretrained_cfg', {}).items()})
     return model
 
 

@@ -49,6 +49,7 @@ _logger = logging.getLogger('train')
 SINGLE_POSITIVE_LOSSES = (
     'an', 'an-ls', 'wan', 'epr', 'role', 'll-r', 'll-ct', 'll-cp', 'em', 'em-apl', 'consistency', 'en', 'spatial')
 LOSSES = MULTI_LABEL_LOSS_TYPES + SINGLE_POSITIVE_LOSSES
+TRAINED_CFG_KEYS = ('label_names', 'input_size')  # pretrained_cfg entries set by training, kept in checkpoints
 BENCHMARK_NAMES = {'voc2007': 'voc', 'voc2012': 'voc'}  # expected-positive counts (EPR / ROLE) by benchmark
 METRIC_COLUMNS = ('mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1')
 
@@ -218,7 +219,8 @@ def checkpoint_state(args, model, optimizer, scheduler, criterion, ema, stage_in
         arch=args.model, model_args=unwrap_model(model)._model_args if hasattr(unwrap_model(model), '_model_args') else {},
         args=vars(args), state_dict=unwrap_model(model).state_dict(), optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(), stage_index=stage_index, epoch=epoch, step=step, best_metric=best,
-        metrics=metrics, rng=rng_state(), label_names=list(unwrap_model(model).pretrained_cfg.get('label_names', ())))
+        metrics=metrics, rng=rng_state(),
+        pretrained_cfg={k: unwrap_model(model).pretrained_cfg[k] for k in TRAINED_CFG_KEYS})
     if isinstance(criterion, nn.Module):
         state['criterion'] = criterion.state_dict()
     if ema is not None:
@@ -307,7 +309,8 @@ def run(args) -> Dict[str, Any]:
 
     # --- model ---
     model = create_model(args, num_classes)
-    model.pretrained_cfg['label_names'] = tuple(train_full.label_names)
+    # what the weights are trained for: exports, cards and evaluation read these
+    model.pretrained_cfg.update(label_names=tuple(train_full.label_names), input_size=(3, args.img_size, args.img_size))
     stages = stages_to_run(args)
     if args.resume:
         resume_state = load_checkpoint_file(args.resume)
@@ -323,7 +326,6 @@ def run(args) -> Dict[str, Any]:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(model=model)
-    data_config['input_size'] = (3, args.img_size, args.img_size)
     train_transform = create_transform(**data_config, is_training=True, scale=tuple(args.scale), hflip=args.hflip,
                                        auto_augment=None, re_prob=0.)
     eval_transform = evaluation_transform(model, args.img_size)

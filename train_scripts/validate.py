@@ -17,7 +17,7 @@ import torch
 import timm
 
 import timm_srn
-from timm_srn.checkpoint import load_checkpoint_file, load_model
+from timm_srn.checkpoint import load_model
 from timm_srn.data import DATASET_NAMES, create_dataset
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, eval_transform, evaluate
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--data-dir', default=None)
     p.add_argument('--split', default='val', choices=('train', 'val'))
     p.add_argument('--max-images', type=int, default=None, help='evaluate only the first N images')
-    p.add_argument('--img-size', type=int, default=None, help='resolution (default: the checkpoint / model config)')
+    p.add_argument('--img-size', type=int, default=None, help="resolution (default: the model's trained input size)")
     p.add_argument('--tta-flip', action='store_true', help='average the logits of the image and its mirror')
     p.add_argument('--ap', default='noninterp', choices=('noninterp', 'voc'))
     p.add_argument('--batch-size', type=int, default=64)
@@ -57,15 +57,12 @@ def run(args) -> Dict[str, Any]:
     if model.num_classes != dataset.num_classes:
         raise SystemExit(f'validate.py: error: the model predicts {model.num_classes} classes but '
                          f'{args.dataset} has {dataset.num_classes}')
-    img_size = args.img_size
-    if img_size is None and args.checkpoint:
-        img_size = load_checkpoint_file(args.checkpoint).get('args', {}).get('img_size')
-    dataset.transform = eval_transform(model, img_size)
+    dataset.transform = eval_transform(model, args.img_size)
     loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=args.batch_size, num_workers=args.workers)
     amp_dtype = AMP_DTYPES.get(args.amp)
     metrics = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, tta_flip=args.tta_flip, ap=args.ap)
     settings = {k: v for k, v in vars(args).items() if k not in ('output',)}
-    settings.update(img_size=img_size or model.pretrained_cfg['input_size'][-1], timm_srn_version=timm_srn.__version__,
+    settings.update(img_size=args.img_size or model.pretrained_cfg['input_size'][-1], timm_srn_version=timm_srn.__version__,
                     timm_version=timm.__version__, num_classes=model.num_classes)
     result = dict(metrics=metrics, settings=settings)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,11 @@ def test_two_epochs_improve_map_and_validate_reproduces_it(synthetic_dir, tmp_pa
     assert f"{flipped['metrics']['mAP']:.2f}" in card and 'python train_scripts/train.py --data-dir' in card
     config = json.loads((folder / 'config.json').read_text())
     assert config['label_names'][-1] == 'ball left of dog' and config['model_args']['pretrained_backbone'] is False
+    assert config['pretrained_cfg']['input_size'] == [3, 96, 96]
+    # the exported folder loads through timm's own local-dir source and evaluates to the same numbers
+    exported = validate_script.main(['--model', f'local-dir:{folder}', '--pretrained', '--data-dir', str(synthetic_dir),
+                                     '--max-images', '64', '--workers', '0', '--output', str(tmp_path / 'exported.json')])
+    assert exported['metrics'] == result['last_eval'] and exported['settings']['img_size'] == 96
 
 
 def test_resume_after_epoch_one_matches_uninterrupted_run(synthetic_dir, tmp_path, train_script):
