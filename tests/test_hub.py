@@ -76,3 +76,29 @@ def test_checked_in_cards_are_current(tmp_path):
     written = write_hub_cards(tmp_path, repo_cards / 'results')
     for tag, path in written.items():
         assert (repo_cards / f'{tag}.md').read_text() == path.read_text(), f'regenerate hub_cards ({tag})'
+
+
+def test_publish_uploads_the_folder_without_printing_the_token(tmp_path, monkeypatch, capsys):
+    """The upload path with huggingface_hub's HfApi replaced by a recorder (no network here)."""
+    import huggingface_hub
+    from timm_srn.hub import publish_folder
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, **kwargs):
+            calls.append(('init', kwargs))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(('create_repo', repo_id, private, exist_ok))
+            return type('RepoUrl', (), {'repo_id': repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(('upload_folder', repo_id, folder_path))
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', RecordingApi)
+    monkeypatch.setenv('HF_TOKEN', 'hf_secret_token_value')
+    folder = export_for_hub(timm.create_model('srn_test_resnet', num_classes=3), tmp_path / 'out', 'me/srn')
+    assert publish_folder(folder, 'me/srn', private=True) == 'me/srn'
+    assert calls[1] == ('create_repo', 'me/srn', True, True)
+    assert calls[2] == ('upload_folder', 'me/srn', str(folder))
+    assert 'hf_secret_token_value' not in capsys.readouterr().out + repr(calls)

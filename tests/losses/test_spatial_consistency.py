@@ -144,3 +144,13 @@ def test_state_dict_resume_is_exact():
     b.load_state_dict(a.state_dict())
     logits, target = torch.randn(2, C), _batch([1, 2])
     torch.testing.assert_close(a(logits, target), b(logits, target), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('source,size', [('attention', (10, 10)), ('confidence', (10, 10)), ('class_maps', (5, 5))])
+def test_srn_heatmap_sources(source, size):
+    model = timm.create_model('srn_test_resnet', num_classes=C)
+    criterion = SpatialConsistencyLoss(8, C, warmup_epochs=0, heatmap_source=source).attach(model)
+    criterion(model(torch.randn(2, 3, 160, 160)), _batch([0, 1]))
+    assert criterion._source.latest().shape == (2, C, *size)
+    with pytest.raises(ValueError, match="Only SRN models have the 'attention' maps"):
+        SpatialConsistencyLoss(8, C, heatmap_source='attention').attach(timm.create_model('test_resnet', num_classes=C))
