@@ -250,7 +250,8 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, e
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         last_accum = (batch_idx + 1) % args.grad_accum_steps == 0 or batch_idx + 1 == len(loader)
-        sync = nullcontext() if last_accum or not args.distributed else model.no_sync()
+        # DDP skips the gradient all-reduce on accumulation steps (no_sync lives on DDP, under any compile wrapper)
+        sync = nullcontext() if last_accum or not args.distributed else getattr(model, '_orig_mod', model).no_sync()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = model(images)
@@ -267,7 +268,7 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, e
             step += 1
             scheduler.step_update(num_updates=step)
             if ema is not None:
-                ema.update(model, step=step)
+                ema.update(unwrap_model(model), step=step)
         losses.append(loss.item())
         seen += images.shape[0] * args.world_size
         bar.set_postfix(loss=f'{np.mean(losses[-20:]):.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
@@ -425,7 +426,7 @@ def run(args) -> Dict[str, Any]:
         summary['test'] = _evaluate(model, make_loader(IndexedDataset(test_set), args, train=False))
     if _is_primary(args):
         (output / 'summary.json').write_text(json.dumps(summary, indent=2))
-        print_table(history, summary)
+        print_table([json.loads(line) for line in metrics_file.read_text().splitlines()], summary)  # resumed runs too
         write_visualisations(args, model, val_set, output)
     return dict(history=history, last_eval=last_eval, summary=summary, stopped=False)
 

@@ -111,7 +111,8 @@ def test_torchrun_two_processes_gloo(synthetic_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
            str(SCRIPTS / 'train.py'), *_args(synthetic_dir, tmp_path, '--epochs', '1', '--loss', 'spatial',
-                                              '--loss-kwargs', 'warmup_epochs=0', '--num-viz', '0')]
+                                              '--loss-kwargs', 'warmup_epochs=0', '--num-viz', '0',
+                                              '--grad-accum-steps', '2')]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_checkpoint_file(tmp_path / 'last.pth.tar')
@@ -123,6 +124,7 @@ def test_torchrun_two_processes_gloo(synthetic_dir, tmp_path):
     num_train = 192 - round(0.2 * 192)
     assert int(state['criterion']['samples_seen']) == 2 * ((num_train // 2 + num_train % 2) // 16) * 16
     assert state['criterion']['heatmaps.seen'].sum(dim=(1, 2)).gt(0).sum() > 16 * 2
+    assert state['step'] == 2  # 4 batches per rank, accumulated in pairs (DDP no_sync on the first of each)
 
 
 def test_config_file_and_training_options(synthetic_dir, tmp_path, train_script):
