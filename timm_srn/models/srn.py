@@ -264,13 +264,17 @@ class SRN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Rebuild every classifier of SRN for `num_classes` (0 removes them all)."""
-        dd = _factory_kwargs(self.attention)
+        if num_classes and self.attention is None:
+            raise RuntimeError('This SRN was pruned to a feature extractor (prune_intermediate_layers): it has no '
+                               'attention / regularizer branches to give classifiers to.')
+        dd = _factory_kwargs(self.backbone)
         self.num_classes = num_classes
         if global_pool is not None:
             self.backbone.reset_classifier(0, global_pool)
         self.fc = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes else nn.Identity()
-        self.attention.reset_classifier(num_classes, **dd)
-        self.regularizer.reset_classifier(num_classes, **dd)
+        for head in (self.attention, self.regularizer):
+            if head is not None:
+                head.reset_classifier(num_classes, **dd)
         self.train(self.training)
         if self.stage is not None:
             self.set_stage(self.stage)
@@ -289,9 +293,13 @@ class SRN(nn.Module):
         return self.backbone.forward_intermediates(x, **kwargs)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True):
-        """Keep only the backbone up to `indices` (feature extraction); SRN heads are removed."""
+        """Keep only the backbone up to `indices` (feature extraction). With `prune_head` every SRN head goes too
+        (its tap may be pruned away): the model becomes a backbone feature extractor with num_classes=0."""
         if prune_head:
-            self.reset_classifier(0)
+            self.num_classes = 0
+            self.fc = nn.Identity()
+            self.attention = None
+            self.regularizer = None
         return self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
 
     # --- SRN ---
@@ -336,16 +344,20 @@ class SRN(nn.Module):
             raise ValueError(f'SRN stage must be one of 1, 2, 3, 4 (or None), got {stage!r}.')
         self.stage = stage
         trainable = STAGE_GROUPS[stage or 4]
-        for name in STAGE_GROUPS[4]:
-            getattr(self, name).requires_grad_(name in trainable)
+        for name, module in self._stage_groups():
+            module.requires_grad_(name in trainable)
         self.train(self.training)
+
+    def _stage_groups(self):
+        """(name, module) of the paper's parameter groups that exist (pruned models have no heads)."""
+        return [(name, getattr(self, name)) for name in STAGE_GROUPS[4] if getattr(self, name) is not None]
 
     def train(self, mode: bool = True) -> 'SRN':
         super().train(mode)
         trainable = STAGE_GROUPS[self.stage or 4]
-        for name in STAGE_GROUPS[4]:
+        for name, module in self._stage_groups():
             if name not in trainable:
-                getattr(self, name).eval()
+                module.eval()
         return self
 
 
