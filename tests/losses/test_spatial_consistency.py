@@ -74,9 +74,12 @@ def test_gradients_flow_to_model_only_and_buffer_is_updated_after_loss():
     assert criterion.heatmaps.maps.grad is None and not criterion.heatmaps.maps.requires_grad
 
 
-def test_spatial_term_matches_hand_computation():
+@pytest.mark.parametrize('space', ['prob', 'logit'])
+def test_spatial_term_matches_hand_computation(space):
     criterion = SpatialConsistencyLoss(4, C, consistency_weight=0., negatives='none', warmup_epochs=0,
-                                       heatmap_size=(2, 2), heatmap_dtype=torch.float32)
+                                       heatmap_size=(2, 2), heatmap_dtype=torch.float32, spatial_space=space)
+    to_space = torch.sigmoid if space == 'prob' else (lambda t: t)
+    first, second = to_space(torch.tensor(1.)), to_space(torch.tensor(3.))
 
     class Fixed:  # a heatmap source with known maps
         maps = None
@@ -92,8 +95,8 @@ def test_spatial_term_matches_hand_computation():
     criterion._source.maps = torch.full((1, C, 2, 2), 3.)
     loss = criterion(torch.zeros(1, C), target)
     positive = F.softplus(torch.tensor(0.)) / C  # one observed positive among C at logit 0
-    torch.testing.assert_close(loss, positive + (3. - 1.) ** 2)
-    torch.testing.assert_close(criterion.heatmaps.maps[3], torch.full((C, 2, 2), 0.9 * 1 + 0.1 * 3))
+    torch.testing.assert_close(loss, positive + (second - first) ** 2)
+    torch.testing.assert_close(criterion.heatmaps.maps[3], torch.full((C, 2, 2), float(0.9 * first + 0.1 * second)))
 
 
 def test_expected_negatives_ignore_likely_positives():

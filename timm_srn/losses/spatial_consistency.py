@@ -6,8 +6,9 @@ Called as `criterion(output, target)` like any timm loss. Terms, each averaged o
   negatives) treats as negative only the unobserved labels whose EMA prediction is below `en_threshold`
   and ignores the rest (before a sample's first EMA update, and during warm-up, it acts as 'an');
 - consistency: BCE of the unobserved labels against the sample's EMA predictions (soft targets);
-- spatial: mean squared distance between the current heatmaps and the sample's EMA heatmaps resampled
-  into the current crop, over the cells seen before (unseen cells are not penalised).
+- spatial: mean squared distance between the current heatmaps (sigmoid of the class maps by default) and the
+  sample's EMA heatmaps resampled into the current crop, over the cells seen before (unseen cells are not
+  penalised).
 After the loss, the EMA predictions and the heatmap buffer are updated with the current (detached) values.
 The consistency and spatial terms start after `warmup_epochs` (from `set_epoch`, or, when the training
 loop never calls it, from the number of samples seen divided by `num_samples`).
@@ -26,6 +27,7 @@ from .heatmap_source import HeatmapSource
 __all__ = ['SpatialConsistencyLoss', 'check_hard_labels']
 
 NEGATIVE_MODES = ('an', 'en', 'none')
+SPATIAL_SPACES = ('prob', 'logit')
 
 
 def check_hard_labels(labels: torch.Tensor) -> None:
@@ -56,6 +58,8 @@ class SpatialConsistencyLoss(nn.Module):
         heatmap_dtype: Storage dtype of the buffers (float16: 2 bytes per cell).
         classes_per_sample: Top-k scale mode of the heatmap buffer (None: dense).
         heatmap_source: SRN maps to use: 'class_maps', 'attention' or 'confidence'.
+        spatial_space: Where heatmaps are stored and compared: 'prob' (sigmoid of the maps, bounded like the
+            predictions; default) or 'logit' (the raw maps, unbounded: needs a much smaller spatial_weight).
         device: Device of the buffers (the training device).
     """
 
@@ -73,9 +77,12 @@ class SpatialConsistencyLoss(nn.Module):
             heatmap_dtype: torch.dtype = torch.float16,
             classes_per_sample: Optional[int] = None,
             heatmap_source: str = 'class_maps',
+            spatial_space: str = 'prob',
             device: Optional[torch.device] = None,
     ):
         super().__init__()
+        if spatial_space not in SPATIAL_SPACES:
+            raise ValueError(f'spatial_space must be one of {SPATIAL_SPACES}, got {spatial_space!r}.')
         if negatives not in NEGATIVE_MODES:
             raise ValueError(f'negatives must be one of {NEGATIVE_MODES}, got {negatives!r}.')
         self.num_samples = num_samples
@@ -87,6 +94,7 @@ class SpatialConsistencyLoss(nn.Module):
         self.momentum = momentum
         self.warmup_epochs = warmup_epochs
         self.heatmap_source = heatmap_source
+        self.spatial_space = spatial_space
         self.needs_index = consistency_weight > 0 or spatial_weight > 0 or negatives == 'en'
         # per-sample EMA predictions: a 1x1 "heatmap" of probabilities, always written with the full box
         self.predictions = HeatmapBuffer(num_samples, num_classes, (1, 1), heatmap_dtype, device) \
@@ -149,10 +157,12 @@ class SpatialConsistencyLoss(nn.Module):
         if self.heatmaps is not None:
             if self._source is None:
                 raise RuntimeError('The spatial term needs the model heatmaps: call criterion.attach(model) first.')
-            maps = self._source.latest()
+            maps = self._source.latest().float()
+            if self.spatial_space == 'prob':
+                maps = maps.sigmoid()
             if warm:
                 stored, valid = self.heatmaps.read(packed.index, packed.boxes, packed.flips, tuple(maps.shape[-2:]))
-                squared = (maps.float() - stored).pow(2) * valid
+                squared = (maps - stored).pow(2) * valid
                 terms['spatial'] = self.spatial_weight * squared.sum() / max(valid[:, :1].numel() * self.num_classes, 1)
         loss = sum(terms.values())
         self._last_terms = {name: value.detach() for name, value in terms.items()}
