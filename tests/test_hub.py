@@ -102,3 +102,14 @@ def test_publish_uploads_the_folder_without_printing_the_token(tmp_path, monkeyp
     assert calls[1] == ('create_repo', 'me/srn', True, True)
     assert calls[2] == ('upload_folder', 'me/srn', str(folder))
     assert 'hf_secret_token_value' not in capsys.readouterr().out + repr(calls)
+
+
+def test_card_of_a_plain_timm_model(tmp_path):
+    model = timm.create_model('test_resnet', num_classes=4)
+    folder = export_for_hub(model, tmp_path / 'plain', 'me/resnet-sp', metrics={'mAP': 50.0}, dataset='voc2012',
+                            train_command='python train_scripts/train.py --model resnet50 --loss spatial')
+    card = (folder / 'README.md').read_text()
+    front = _front_matter(card)
+    assert 'srn' not in front['tags'] and front['datasets'] == ['voc2012']
+    assert 'A timm `test_resnet`' in card and 'Spatial Regularization Network (SRN' not in card
+    assert card.index('import timm_srn') < card.index('import timm\n')

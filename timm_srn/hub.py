@@ -22,7 +22,6 @@ from .models.srn import SRN
 __all__ = ['model_card', 'export_for_hub', 'publish_folder', 'write_hub_cards']
 
 CARD_METRICS = ('mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1')
-DATASET_IDS = {'coco': 'detection-datasets/coco', 'voc2007': 'HuggingFaceM4/pascal_voc', 'voc2012': 'HuggingFaceM4/pascal_voc'}
 CITATIONS = """```bibtex
 @inproceedings{zhu2017learning,
   title={Learning Spatial Regularization with Image-level Supervisions for Multi-label Image Classification},
@@ -51,16 +50,18 @@ def model_card(
         train_command: Optional[str] = None,
         license: str = 'apache-2.0',
         label_names: Optional[Sequence[str]] = None,
+        srn: bool = True,
 ) -> str:
-    """README.md text: YAML front matter (library_name timm, tags, model-index of the measured metrics only)."""
+    """README.md text: YAML front matter (library_name timm, tags, model-index of the measured metrics only).
+    `srn=False` describes a plain timm classifier trained with timm-srn (e.g. with the single-positive losses)."""
     front: Dict[str, Any] = {
         'library_name': 'timm',
         'license': license,
-        'tags': ['image-classification', 'multi-label-image-classification', 'timm', 'srn'],
+        'tags': ['image-classification', 'multi-label-image-classification', 'timm'] + (['srn'] if srn else []),
         'pipeline_tag': 'image-classification',
     }
-    if dataset in DATASET_IDS:
-        front['datasets'] = [DATASET_IDS[dataset]]
+    if dataset:
+        front['datasets'] = [dataset]
     if metrics:
         front['model-index'] = [{
             'name': name,
@@ -73,15 +74,17 @@ def model_card(
         }]
     load_name = f'hf-hub:{name}' if '/' in name else name
     lines = ['---', yaml.safe_dump(front, sort_keys=False).strip(), '---', '', f'# Model card for {name}', '']
+    task = f'multi-label classification of {num_classes} labels{f" ({dataset})" if dataset else ""}'
     lines += [
-        f'A Spatial Regularization Network (SRN, Zhu et al., CVPR 2017) on a timm `{backbone}` backbone for '
-        f'multi-label classification of {num_classes} labels{f" ({dataset})" if dataset else ""}. SRN adds per-label '
-        'attention maps on a stride-16 feature map and a learned spatial regulariser whose full-map grouped '
-        'convolution models where labels occur relative to each other; its logits are fused with the backbone\'s.',
+        f'A Spatial Regularization Network (SRN, Zhu et al., CVPR 2017) on a timm `{backbone}` backbone for {task}. '
+        'SRN adds per-label attention maps on a stride-16 feature map and a learned spatial regulariser whose '
+        'full-map grouped convolution models where labels occur relative to each other; its logits are fused with '
+        'the backbone\'s.' if srn else
+        f'A timm `{architecture}` for {task}, trained with timm-srn (see the training command for the loss).',
         '', '## Model details', '',
-        f'- **Architecture:** `{architecture}` (backbone `{backbone}`)',
+        f'- **Architecture:** `{architecture}`' + (f' (backbone `{backbone}`)' if srn else ''),
         f'- **Parameters:** {num_params / 1e6:.1f} M',
-        f'- **Image size:** {img_size} x {img_size}, whole image resized (no crop)',
+        f'- **Image size:** {img_size} x {img_size}' + (', whole image resized (no crop)' if srn else ''),
         f'- **Labels:** {num_classes}' + (f' ({", ".join(label_names[:8])}{", ..." if len(label_names) > 8 else ""})'
                                           if label_names else ''),
         '- **Papers:** SRN [arXiv:1702.05891](https://arxiv.org/abs/1702.05891); spatial consistency loss (WACV 2023)',
@@ -92,9 +95,8 @@ def model_card(
         'config = timm.data.resolve_data_config(model=model)',
         'transform = timm.data.create_transform(**config)',
         'probs = model(transform(image).unsqueeze(0)).sigmoid()  # independent per-label probabilities',
-        'branches = model.forward_branches(transform(image).unsqueeze(0))  # attention maps, class maps, ...',
-        '```', '', '## Training', '',
-    ]
+    ] + (['branches = model.forward_branches(transform(image).unsqueeze(0))  # attention maps, class maps, ...']
+         if srn else []) + ['```', '', '## Training', '']
     lines += [f'```bash\n{train_command}\n```'] if train_command else ['The training command was not recorded.']
     lines += ['', '## Evaluation', '']
     if metrics:
@@ -106,8 +108,9 @@ def model_card(
         lines += ['**These weights have not been trained and evaluated yet: no results are reported.**']
     lines += ['', '## Limitations', '',
               '- Labels are independent sigmoids thresholded at 0.5 by default; tune thresholds per label for deployment.',
-              '- The spatial regulariser\'s kernel is fixed to the stride-16 map size at the configured image size; other '
-              'sizes are resampled to it, which can reduce accuracy far from the training resolution.',
+              *(['- The spatial regulariser\'s kernel is fixed to the stride-16 map size at the configured image size; '
+                 'other sizes are resampled to it, which can reduce accuracy far from the training resolution.']
+                if srn else []),
               '- Trained on one dataset\'s label set and image distribution; expect a drop on other domains.',
               '', '## Citation', '', CITATIONS, '']
     return '\n'.join(lines)
@@ -118,7 +121,7 @@ def _card_for_model(model: nn.Module, name: str, metrics, dataset, train_command
     return model_card(
         name, cfg.get('architecture', name), getattr(model, 'backbone_name', cfg.get('architecture', name)),
         model.num_classes, sum(p.numel() for p in model.parameters()), cfg['input_size'][-1], dataset, metrics,
-        train_command, cfg.get('license', 'apache-2.0'), cfg.get('label_names'))
+        train_command, cfg.get('license', 'apache-2.0'), cfg.get('label_names'), srn=isinstance(model, SRN))
 
 
 def export_for_hub(
