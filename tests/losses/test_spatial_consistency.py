@@ -77,7 +77,8 @@ def test_gradients_flow_to_model_only_and_buffer_is_updated_after_loss():
 @pytest.mark.parametrize('space', ['prob', 'logit'])
 def test_spatial_term_matches_hand_computation(space):
     criterion = SpatialConsistencyLoss(4, C, consistency_weight=0., negatives='none', warmup_epochs=0,
-                                       heatmap_size=(2, 2), heatmap_dtype=torch.float32, spatial_space=space)
+                                       heatmap_size=(2, 2), heatmap_dtype=torch.float32, spatial_space=space,
+                                       momentum=0.9)
     to_space = torch.sigmoid if space == 'prob' else (lambda t: t)
     first, second = to_space(torch.tensor(1.)), to_space(torch.tensor(3.))
 

@@ -52,7 +52,8 @@ class SpatialConsistencyLoss(nn.Module):
         en_threshold: EMA probability below which an unobserved label is an expected negative.
         consistency_weight: Weight of the consistency term (0 disables it and its buffer).
         spatial_weight: Weight of the spatial consistency term (0 disables it and the heatmap buffer).
-        momentum: EMA momentum of both buffers (stored = momentum * stored + (1 - momentum) * new).
+        momentum: EMA momentum of both buffers (stored = momentum * stored + (1 - momentum) * new). A sample is
+            seen once per epoch, so 0.5 lets the targets follow a model that improves over a 10-epoch schedule.
         warmup_epochs: Epochs before the consistency and spatial terms start.
         heatmap_size: (H, W) of the whole-image heatmaps in the buffer.
         heatmap_dtype: Storage dtype of the buffers (float16: 2 bytes per cell).
@@ -71,7 +72,7 @@ class SpatialConsistencyLoss(nn.Module):
             en_threshold: float = 0.1,
             consistency_weight: float = 1.0,
             spatial_weight: float = 1.0,
-            momentum: float = 0.9,
+            momentum: float = 0.5,
             warmup_epochs: float = 1.0,
             heatmap_size: Tuple[int, int] = (7, 7),
             heatmap_dtype: torch.dtype = torch.float16,
