@@ -215,12 +215,12 @@ def stages_to_run(args) -> List[Optional[int]]:
 
 
 def checkpoint_state(args, model, optimizer, scheduler, criterion, ema, stage_index, epoch, step, best, metrics):
+    core = unwrap_model(model)
     state = dict(
-        arch=args.model, model_args=unwrap_model(model)._model_args if hasattr(unwrap_model(model), '_model_args') else {},
-        args=vars(args), state_dict=unwrap_model(model).state_dict(), optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(), stage_index=stage_index, epoch=epoch, step=step, best_metric=best,
-        metrics=metrics, rng=rng_state(),
-        pretrained_cfg={k: unwrap_model(model).pretrained_cfg[k] for k in TRAINED_CFG_KEYS})
+        arch=args.model, model_args=getattr(core, '_model_args', {}), args=_jsonable(args),
+        state_dict=core.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        stage_index=stage_index, epoch=epoch, step=step, best_metric=best, metrics=metrics, rng=rng_state(),
+        pretrained_cfg={k: core.pretrained_cfg[k] for k in TRAINED_CFG_KEYS})
     if isinstance(criterion, nn.Module):
         state['criterion'] = criterion.state_dict()
     if ema is not None:
@@ -414,7 +414,6 @@ def run(args) -> Dict[str, Any]:
                     f.write(json.dumps(record) + '\n')
                 state = checkpoint_state(args, model, optimizer, scheduler, criterion, ema, stage_index, epoch, step,
                                          max(best, last_eval['mAP']), last_eval)
-                state['args'] = _jsonable(args)
                 save_atomic(state, output / 'last.pth.tar')
                 if last_eval['mAP'] > best:
                     save_atomic(state, output / 'best.pth.tar')

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-__all__ = ['PackedTarget', 'pack_target', 'unpack_target', 'NUM_PACKED_FIELDS', 'FULL_BOX']
+__all__ = ['PackedTarget', 'pack_target', 'unpack_target', 'unpack_observed', 'NUM_PACKED_FIELDS', 'FULL_BOX']
 
 NUM_PACKED_FIELDS = 7
 FULL_BOX = (0., 0., 1., 1.)
@@ -56,3 +56,19 @@ def unpack_target(target: torch.Tensor, num_classes: int) -> PackedTarget:
     extra = target[:, num_classes:].float()
     index = extra[:, 0].long() * _INDEX_BASE + extra[:, 1].long()
     return PackedTarget(target[:, :num_classes], index, extra[:, 2:6], extra[:, 6] > 0.5)
+
+
+def unpack_observed(target: torch.Tensor, num_classes: int, needs_index: bool, criterion_name: str) -> PackedTarget:
+    """`unpack_target` for single-positive criteria: float 0/1 observed labels, and the sample index when the
+    criterion keeps per-sample state. Soft labels mean Mixup/CutMix, which mixes samples: rejected."""
+    packed = unpack_target(target, num_classes)
+    labels = packed.labels.float()
+    if not torch.all((labels == 0) | (labels == 1)):
+        raise ValueError(
+            'Targets are soft (values other than 0 and 1): Mixup/CutMix mix samples and cannot be combined with '
+            'per-sample buffers or single-positive labels. Disable mixup/cutmix for this criterion.')
+    if needs_index and packed.index is None:
+        raise ValueError(
+            f'{criterion_name} keeps per-sample state and needs targets packed with the sample index (packed targets '
+            'from timm_srn.data.pack_target / PackedTargetDataset); got plain (batch, classes) targets.')
+    return packed._replace(labels=labels)

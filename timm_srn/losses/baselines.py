@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.targets import unpack_target
-from .spatial_consistency import check_hard_labels
+from ..data.targets import unpack_observed
 
 __all__ = [
     'AssumeNegativeLoss', 'WeakAssumeNegativeLoss', 'ExpectedPositiveLoss', 'RoleLoss', 'LargeLossLoss',
@@ -41,12 +40,8 @@ class _SinglePositiveLoss(nn.Module):
     needs_index = False
 
     def _labels(self, output: torch.Tensor, target: torch.Tensor):
-        packed = unpack_target(target, output.shape[1])
-        labels = packed.labels.float()
-        check_hard_labels(labels)
-        if self.needs_index and packed.index is None:
-            raise ValueError(f'{type(self).__name__} keeps per-sample state and needs packed targets (pack_target).')
-        return labels, packed.index
+        packed = unpack_observed(target, output.shape[1], self.needs_index, type(self).__name__)
+        return packed.labels, packed.index
 
     def set_epoch(self, epoch: float) -> None:
         self.epoch = epoch

@@ -107,13 +107,10 @@ class HeatmapBuffer(nn.Module):
         report['total'] = sum(report.values())
         return report
 
-    @staticmethod
-    def dense_bytes(num_samples: int, num_classes: int, size=(7, 7), dtype=torch.float16, classes_per_sample=None) -> int:
-        """Bytes a buffer of this configuration would hold, without allocating it."""
-        cells = size[0] * size[1]
-        slots = classes_per_sample or num_classes
-        total = num_samples * slots * cells * torch.empty((), dtype=dtype).element_size() + num_samples * cells + 8
-        return total + (num_samples * classes_per_sample * 4 if classes_per_sample else 0)
+    @classmethod
+    def dense_bytes(cls, num_samples: int, num_classes: int, size=(7, 7), dtype=torch.float16, classes_per_sample=None) -> int:
+        """Bytes a buffer of this configuration would hold, without allocating it (built on the meta device)."""
+        return cls(num_samples, num_classes, size, dtype, 'meta', classes_per_sample).memory_bytes()['total']
 
     # --- validation: all before any indexing kernel, so bad input never becomes a device-side assert ---
 
@@ -191,6 +188,8 @@ class HeatmapBuffer(nn.Module):
         index, maps, boxes, flips, class_scores, positives = self._gather(index, maps, boxes, flips, class_scores, positives)
         finite = torch.isfinite(maps).flatten(1).all(1)
         self.skipped_rows += (~finite).sum()
+        if self.class_ids is not None and class_scores is None:
+            class_scores = maps.float().mean(dim=(2, 3))  # top-k default: the maps' spatial mean
         index, maps, boxes, flips = index[finite], maps[finite].float(), boxes[finite].float(), flips[finite]
         if class_scores is not None:
             class_scores = class_scores[finite]
@@ -202,14 +201,13 @@ class HeatmapBuffer(nn.Module):
         for occurrence in range(int(rank.max()) + 1 if len(rank) else 0):
             rows = rank == occurrence
             self._ema_update(index[rows], current[rows], region[rows], momentum,
-                        None if class_scores is None else class_scores[rows],
-                        None if positives is None else positives[rows],
-                        current_means=maps[rows].mean(dim=(2, 3)))
+                             None if class_scores is None else class_scores[rows],
+                             None if positives is None else positives[rows])
 
-    def _ema_update(self, index, current, region, momentum, class_scores, positives, current_means):
+    def _ema_update(self, index, current, region, momentum, class_scores, positives):
         """One EMA update for unique indices."""
         if self.class_ids is not None:
-            current = self._select_slots(index, current, class_scores, positives, current_means)
+            current = self._select_slots(index, current, class_scores, positives)
         stored = self.maps[index].float()
         seen = self.seen[index]
         region_c = region[:, None]
@@ -217,12 +215,12 @@ class HeatmapBuffer(nn.Module):
         self.maps[index] = torch.where(region_c, updated, stored).to(self.maps.dtype)
         self.seen[index] = seen | region
 
-    def _select_slots(self, index, current, class_scores, positives, current_means) -> torch.Tensor:
+    def _select_slots(self, index, current, class_scores, positives) -> torch.Tensor:
         """Top-k mode: fix the class set of samples written for the first time, return their slots' maps."""
         ids = self.class_ids[index].long()
         new = (ids < 0).all(dim=1)
         if new.any():
-            scores = (class_scores if class_scores is not None else current_means)[new].float()
+            scores = class_scores[new].float()
             if positives is not None:
                 scores = scores + positives[new].float() * 1e6  # observed positives first
             ids[new] = scores.topk(self.classes_per_sample, dim=1).indices

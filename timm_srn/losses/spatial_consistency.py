@@ -20,22 +20,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.targets import FULL_BOX, PackedTarget, unpack_target
+from ..data.targets import FULL_BOX, PackedTarget, unpack_observed
 from .heatmap_buffer import HeatmapBuffer
 from .heatmap_source import HeatmapSource
 
-__all__ = ['SpatialConsistencyLoss', 'check_hard_labels']
+__all__ = ['SpatialConsistencyLoss']
 
 NEGATIVE_MODES = ('an', 'en', 'none')
 SPATIAL_SPACES = ('prob', 'logit')
-
-
-def check_hard_labels(labels: torch.Tensor) -> None:
-    """Per-sample criteria need 0/1 observed labels; soft targets mean Mixup/CutMix, which mixes samples."""
-    if not torch.all((labels == 0) | (labels == 1)):
-        raise ValueError(
-            'Targets are soft (values other than 0 and 1): Mixup/CutMix mix samples and cannot be combined with '
-            'per-sample buffers or single-positive labels. Disable mixup/cutmix for this criterion.')
 
 
 def _world_size() -> int:
@@ -130,15 +122,9 @@ class SpatialConsistencyLoss(nn.Module):
         return float(self.samples_seen) / self.num_samples
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        packed = unpack_target(target, self.num_classes)
-        labels = packed.labels.float()
-        check_hard_labels(labels)
-        if self.needs_index and packed.index is None:
-            raise ValueError(
-                'This criterion keeps per-sample buffers and needs targets packed with the sample index '
-                '(timm_srn.data.pack_target / PackedTargetDataset); got plain (batch, classes) targets.')
+        packed = unpack_observed(target, self.num_classes, self.needs_index, type(self).__name__)
         logits = output.float()
-        observed = labels > 0.5
+        observed = packed.labels > 0.5
         unobserved = ~observed
         warm = self.current_epoch() >= self.warmup_epochs
         terms = {'positive': (F.softplus(-logits) * observed).mean()}  # -log sigmoid(z) on positives
@@ -175,7 +161,7 @@ class SpatialConsistencyLoss(nn.Module):
         if self.predictions is None or packed.index is None:
             empty = torch.zeros_like(packed.labels, dtype=torch.float32)
             return empty, empty.bool()
-        probs, valid = self.predictions.read(packed.index, _full_boxes(packed), packed.flips.new_zeros(packed.flips.shape), (1, 1))
+        probs, valid = self.predictions.read(packed.index, *_whole_image(packed), (1, 1))
         return probs.flatten(1), valid.flatten(1)
 
     @torch.no_grad()
@@ -185,13 +171,12 @@ class SpatialConsistencyLoss(nn.Module):
             return
         probs = logits.sigmoid()
         if self.predictions is not None:
-            self.predictions.write(
-                packed.index, probs[:, :, None, None], _full_boxes(packed),
-                packed.flips.new_zeros(packed.flips.shape), self.momentum)
+            self.predictions.write(packed.index, probs[:, :, None, None], *_whole_image(packed), self.momentum)
         if self.heatmaps is not None:
             self.heatmaps.write(packed.index, maps.detach(), packed.boxes, packed.flips, self.momentum,
                                 class_scores=probs, positives=observed)
 
 
-def _full_boxes(packed: PackedTarget) -> torch.Tensor:
-    return packed.boxes.new_tensor(FULL_BOX).expand(len(packed.index), 4)
+def _whole_image(packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(boxes, flips) of the whole original image without flip: the frame of the per-sample predictions."""
+    return packed.boxes.new_tensor(FULL_BOX).expand(len(packed.index), 4), torch.zeros_like(packed.flips)
