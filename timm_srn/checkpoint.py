@@ -2,30 +2,74 @@
 
 Keys follow timm ('state_dict', 'state_dict_ema', 'optimizer', 'epoch', 'arch', 'args'), so
 `timm.models.load_checkpoint` reads the weights; 'scheduler', 'criterion', 'rng', 'step', 'best_metric'
-and 'metrics' complete the training state.
+and 'metrics' complete the training state, and 'checksum' (SHA-256 of everything else) is verified on load.
 """
+import argparse
+import hashlib
 import os
+import pickle
 import random
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ['save_atomic', 'load_checkpoint_file', 'rng_state', 'set_rng_state', 'create_model_from_checkpoint', 'load_model']
+__all__ = [
+    'CheckpointError', 'save_atomic', 'load_checkpoint_file', 'state_checksum', 'remove_stale_temporaries',
+    'rng_state', 'set_rng_state', 'create_model_from_checkpoint', 'load_model']
+
+CHECKSUM_KEY = 'checksum'
+_TMP_SUFFIX = '.tmp'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or holding objects other than plain data."""
+
+
+def _hash_into(hasher, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        hasher.update(f'T{tensor.dtype}{tuple(tensor.shape)}'.encode())
+        if tensor.numel():
+            hasher.update(tensor.view(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        hasher.update(f'D{len(value)}'.encode())
+        for key, item in value.items():
+            hasher.update(repr(key).encode())
+            _hash_into(hasher, item)
+    elif isinstance(value, (list, tuple)):
+        hasher.update(f'{type(value).__name__[0]}{len(value)}'.encode())
+        for item in value:
+            _hash_into(hasher, item)
+    else:
+        hasher.update(repr(value).encode())
+
+
+def state_checksum(state: Dict[str, Any]) -> str:
+    """SHA-256 over every key, tensor byte and value of a checkpoint (its own 'checksum' entry excluded)."""
+    hasher = hashlib.sha256()
+    _hash_into(hasher, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return f'sha256:{hasher.hexdigest()}'
 
 
 def save_atomic(state: Dict[str, Any], path: Union[str, Path]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash leaves either the
-    previous checkpoint or the new one, never a partial file."""
+    """Write `state` plus its checksum to a temporary file in the same folder, fsync, then rename over `path`: a
+    crash leaves either the previous checkpoint or the new one, never a partial file. The file gets the usual
+    permissions of new files (0666 less the umask), like every other output."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
+            torch.save({**state, CHECKSUM_KEY: state_checksum(state)}, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -33,12 +77,44 @@ def save_atomic(state: Dict[str, Any], path: Union[str, Path]) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: Union[str, Path]) -> int:
+    """Delete temporary files that `save_atomic` left in `folder` when its process was killed; returns the count."""
+    stale = [p for p in Path(folder).glob(f'.*{_TMP_SUFFIX}') if p.is_file() and '.pth' in p.name]
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
 def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, Any]:
-    """Load a checkpoint with `weights_only=True` (nothing in it is executed)."""
+    """Load a checkpoint with `weights_only=True`: nothing in it is executed; only tensors, plain values and
+    `argparse.Namespace` (the args of timm's own train.py) are accepted. Its zip records' CRC-32 and, where the
+    file has one, its SHA-256 checksum are verified. Every failure raises `CheckpointError` with one line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'Checkpoint not found: {path}')
-    return torch.load(path, map_location='cpu', weights_only=True)
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_record = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CheckpointError(f'{path} is corrupt ({e}).') from e
+        if bad_record is not None:
+            raise CheckpointError(f'{path} is corrupt: record {bad_record} fails its CRC-32 check.')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        reason = f'it needs {found.group(1)}' if found else str(e).splitlines()[0][:200]
+        raise CheckpointError(
+            f'{path} holds objects other than tensors and plain values; refusing to load it ({reason}).') from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]}).') from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{path} holds a {type(state).__name__}, not a checkpoint dictionary.')
+    if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != state_checksum(state):
+        raise CheckpointError(f'{path} is corrupt: its content does not match its stored SHA-256 checksum.')
+    return state
 
 
 def rng_state() -> Dict[str, Any]:
@@ -69,7 +145,7 @@ def create_model_from_checkpoint(path: Union[str, Path], use_ema: bool = False, 
     import timm
     state = load_checkpoint_file(path)
     if 'arch' not in state or 'state_dict' not in state:
-        raise ValueError(f'{path} is not a timm-srn training checkpoint (no arch / state_dict).')
+        raise CheckpointError(f'{path} is not a timm-srn training checkpoint (no arch / state_dict).')
     model_args = {k: v for k, v in state.get('model_args', {}).items() if k not in _SOURCE_ONLY_ARGS}
     model_args.update(overrides)
     model = timm.create_model(state['arch'], pretrained=False, **model_args)

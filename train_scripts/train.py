@@ -10,13 +10,17 @@ With no arguments it generates the built-in synthetic dataset (if absent) and tr
 Distributed: `torchrun --nproc_per_node N train_scripts/train.py ...` (nccl on GPU, gloo on CPU).
 """
 import argparse
+import datetime
+import functools
 import json
 import logging
 import math
+import os
 import shlex
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -37,10 +41,11 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, init_distributed_device, random_seed, unwrap_model
 
 import timm_srn  # noqa: F401  registers the srn models
-from timm_srn.checkpoint import load_checkpoint_file, rng_state, save_atomic, set_rng_state
+from timm_srn.checkpoint import (
+    CheckpointError, load_checkpoint_file, remove_stale_temporaries, rng_state, save_atomic, set_rng_state)
 from timm_srn.data import (
-    DATASET_NAMES, PackedTargetDataset, create_dataset, load_observed_labels, sample_single_positive,
-    save_observed_labels, split_train_val)
+    DATASET_NAMES, PackedTargetDataset, create_dataset, find_unreadable, load_observed_labels,
+    sample_single_positive, save_observed_labels, split_train_val)
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform
 from timm_srn.losses import SRNStageLoss, create_single_positive_loss
 
@@ -55,7 +60,11 @@ METRIC_COLUMNS = ('mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', '
 
 
 class SetupError(Exception):
-    """A bad argument found before training starts: printed as one line."""
+    """A bad argument or input found before training starts: printed as one line."""
+
+
+class RunError(Exception):
+    """A failure during training (diverged loss, unwritable checkpoint, stalled rank): printed as one line."""
 
 
 def _kv(text: str) -> Dict[str, Any]:
@@ -71,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--data-dir', default=None, help='dataset root (synthetic: generated here, default data/synthetic)')
     g.add_argument('--max-train-images', type=int, default=None, help='use only the first N training images')
     g.add_argument('--max-val-images', type=int, default=None, help='use only the first N validation images')
+    g.add_argument('--skip-unreadable', action='store_true',
+                   help='decode every image up front and drop those that fail (counted in the log)')
+    g.add_argument('--check-images', action='store_true',
+                   help='decode every image up front and stop with the list of unreadable files')
     g.add_argument('--workers', type=int, default=2)
     g.add_argument('--scale', type=float, nargs=2, default=(0.3, 1.0), help='RandomResizedCrop scale range')
     g.add_argument('--hflip', type=float, default=0.5)
@@ -109,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--stop-after-epochs', type=int, default=None, help='stop after this many epochs of this run')
     g.add_argument('--seed', type=int, default=42)
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--dist-timeout', type=float, default=1800.,
+                   help='seconds a distributed collective may wait for a stalled rank before the run stops')
     g.add_argument('--no-progress', action='store_true')
     g.add_argument('--num-viz', type=int, default=4, help='validation images to visualise at the end')
     return p
@@ -152,7 +167,10 @@ def single_positive_split(args, train_full, output: Path):
     train, val = train_full.subset(train_idx), train_full.subset(val_idx)
     path = output / 'observed_labels.npy'
     if path.exists():
-        observed = load_observed_labels(path, len(train), train.num_classes)
+        try:
+            observed = load_observed_labels(path, train.targets)
+        except ValueError as e:
+            raise SetupError(str(e)) from e
     else:
         result = sample_single_positive(train.targets, seed=1200)
         observed = result.labels
@@ -168,6 +186,15 @@ def _is_primary(args) -> bool:
 
 
 def build_criterion(args, model, num_samples: int, num_classes: int, stage: Optional[int]):
+    try:
+        return _build_criterion(args, model, num_samples, num_classes, stage)
+    except TypeError as e:  # unexpected --loss-kwargs
+        raise SetupError(f"--loss-kwargs {args.loss_kwargs} do not fit loss '{args.loss}': {e}") from e
+    except ValueError as e:
+        raise SetupError(f"loss '{args.loss}': {e}") from e
+
+
+def _build_criterion(args, model, num_samples: int, num_classes: int, stage: Optional[int]):
     if args.loss in SINGLE_POSITIVE_LOSSES:
         if args.mixup or args.cutmix:
             raise SetupError(f"loss '{args.loss}' needs per-sample hard labels; mixup/cutmix mix samples")
@@ -199,11 +226,76 @@ def make_loader(dataset, args, train: bool, epoch: int = 0) -> torch.utils.data.
 
 
 def load_datasets(args):
+    kwargs = dict(skip_unreadable=True) if args.skip_unreadable else {}
     try:
-        return (create_dataset(args.dataset, args.data_dir, 'train'),
-                create_dataset(args.dataset, args.data_dir, 'val'))
+        datasets = [create_dataset(args.dataset, args.data_dir, split, **kwargs) for split in ('train', 'val')]
     except (ValueError, OSError) as e:
         raise SetupError(f'dataset {args.dataset}: {e}') from e
+    for split, dataset in zip(('train', 'val'), datasets):
+        if len(dataset) == 0:
+            raise SetupError(f"dataset {args.dataset}: the {split} split has no images (--data-dir {args.data_dir})")
+        if args.check_images:
+            unreadable = find_unreadable(dataset.samples, progress=not args.no_progress)
+            if unreadable:
+                listed = '; '.join(f'{path} ({reason})' for _, path, reason in unreadable[:3])
+                raise SetupError(f'dataset {args.dataset} {split}: {len(unreadable)} unreadable images: {listed}'
+                                 f"{' ...' if len(unreadable) > 3 else ''} (--skip-unreadable drops them)")
+    return tuple(datasets)
+
+
+def prepare_output(args, output: Path) -> None:
+    """Create the output folder and prove it writable before any work; clear temporaries of a killed run."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as e:
+        raise SetupError(f'output folder {output} is not usable: {e.strerror or e}') from e
+    removed = remove_stale_temporaries(output)
+    if removed:
+        _logger.info(f'removed {removed} temporary checkpoint files left by an interrupted run in {output}')
+
+
+def write_checkpoint(state: Dict[str, Any], path: Path) -> None:
+    try:
+        save_atomic(state, path)
+    except OSError as e:
+        raise RunError(f'cannot write checkpoint {path}: {e.strerror or e} (the previous file is intact)') from e
+
+
+def load_resume_state(args) -> Dict[str, Any]:
+    try:
+        state = load_checkpoint_file(args.resume)
+    except CheckpointError as e:
+        raise SetupError(f'--resume: {e}') from e
+    missing = [k for k in ('arch', 'state_dict', 'optimizer', 'scheduler', 'epoch', 'step', 'rng') if k not in state]
+    if missing:
+        raise SetupError(f'--resume {args.resume} is not a train.py training checkpoint (no {", ".join(missing)})')
+    return state
+
+
+def load_criterion_state(criterion: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+    """Restore the criterion's buffers; a state from another dataset size or class count is named, not dumped."""
+    expected = criterion.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise SetupError(f'--resume {path}: criterion state {key} has shape {tuple(value.shape)} but this run needs '
+                             f'{tuple(expected[key].shape)} (another training set size or class count)')
+    try:
+        criterion.load_state_dict(state)
+    except RuntimeError as e:
+        raise SetupError(f'--resume {path}: criterion state does not fit this --loss: {str(e).splitlines()[0]}') from e
+
+
+@contextmanager
+def collective_timeout(seconds: float):
+    """timm's init_distributed_device with a timeout on every collective: a stalled rank fails the others."""
+    original = dist.init_process_group
+    dist.init_process_group = functools.partial(original, timeout=datetime.timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        dist.init_process_group = original
 
 
 def stages_to_run(args) -> List[Optional[int]]:
@@ -270,6 +362,9 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, e
             if ema is not None:
                 ema.update(unwrap_model(model), step=step)
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise RunError(f'loss is {losses[-1]} at epoch {epoch}, batch {batch_idx}: training diverged (lower --lr, '
+                           f'or use --amp bf16 instead of fp16); last.pth.tar holds the previous epoch')
         seen += images.shape[0] * args.world_size
         bar.set_postfix(loss=f'{np.mean(losses[-20:]):.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         img_s=f'{seen / (time.time() - start):.1f}')
@@ -279,10 +374,11 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, e
 
 def run(args) -> Dict[str, Any]:
     output = Path(args.output)
-    device = init_distributed_device(args)
+    with collective_timeout(args.dist_timeout):
+        device = init_distributed_device(args)
     args.device_obj = device
     if _is_primary(args):
-        output.mkdir(parents=True, exist_ok=True)
+        prepare_output(args, output)
     if args.distributed:
         dist.barrier()
     random_seed(args.seed, args.rank)
@@ -314,7 +410,7 @@ def run(args) -> Dict[str, Any]:
     model.pretrained_cfg.update(label_names=tuple(train_full.label_names), input_size=(3, args.img_size, args.img_size))
     stages = stages_to_run(args)
     if args.resume:
-        resume_state = load_checkpoint_file(args.resume)
+        resume_state = load_resume_state(args)
         if resume_state.get('arch') != args.model:
             raise SetupError(f"--resume {args.resume} holds a '{resume_state.get('arch')}' checkpoint, not '{args.model}'")
         try:
@@ -358,12 +454,19 @@ def run(args) -> Dict[str, Any]:
     start_stage = resume_state['stage_index'] if resume_state else 0
     start_epoch = resume_state['epoch'] + 1 if resume_state else 0
     best = resume_state['best_metric'] if resume_state else -1.
+    # built before any evaluation, so bad --loss-kwargs stop the run at once
+    first_criterion = build_criterion(args, model, len(train_data), num_classes, stages[start_stage]) \
+        if start_stage < len(stages) else None
+    if resume_state is not None and _is_primary(args) and 'metrics_lines' in resume_state:
+        # records written after the checkpoint (a run killed mid-epoch) are dropped: every epoch appears once
+        lines = metrics_file.read_text().splitlines()[:resume_state['metrics_lines']] if metrics_file.exists() else []
+        atomic_write_text(metrics_file, ''.join(line + '\n' for line in lines))
     if resume_state is None:
         initial = _evaluate(model, val_loader)
         history.append(dict(epoch=-1, stage=None, eval=initial))
         if _is_primary(args):
             _logger.info(f"untrained: val mAP {initial['mAP']:.2f}")
-            metrics_file.write_text(json.dumps(history[-1]) + '\n')
+            atomic_write_text(metrics_file, json.dumps(history[-1]) + '\n')
     epochs_this_run = 0
     last_eval: Dict[str, float] = {}
     criterion = None
@@ -371,7 +474,8 @@ def run(args) -> Dict[str, Any]:
         stage = stages[stage_index]
         if stage is not None:
             model.set_stage(stage)
-        criterion = build_criterion(args, model, len(train_data), num_classes, stage)
+        criterion = first_criterion if stage_index == start_stage else \
+            build_criterion(args, model, len(train_data), num_classes, stage)
         optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
         if isinstance(criterion, nn.Module) and any(p.requires_grad for p in criterion.parameters()):
             optimizer.add_param_group(dict(params=list(criterion.parameters()), weight_decay=0.))
@@ -386,7 +490,7 @@ def run(args) -> Dict[str, Any]:
             optimizer.load_state_dict(resume_state['optimizer'])
             scheduler.load_state_dict(resume_state['scheduler'])
             if 'criterion' in resume_state:
-                criterion.load_state_dict(resume_state['criterion'])
+                load_criterion_state(criterion, resume_state['criterion'], args.resume)
             if ema is not None and 'state_dict_ema' in resume_state:
                 ema.module.load_state_dict(resume_state['state_dict_ema'])
             step, first_epoch, last_eval = resume_state['step'], start_epoch, resume_state['metrics']
@@ -414,9 +518,11 @@ def run(args) -> Dict[str, Any]:
                     f.write(json.dumps(record) + '\n')
                 state = checkpoint_state(args, model, optimizer, scheduler, criterion, ema, stage_index, epoch, step,
                                          max(best, last_eval['mAP']), last_eval)
-                save_atomic(state, output / 'last.pth.tar')
+                state['metrics_lines'] = len(metrics_file.read_text().splitlines())
+                # best first: last.pth.tar, which records the best metric, never points past a missing best file
                 if last_eval['mAP'] > best:
-                    save_atomic(state, output / 'best.pth.tar')
+                    write_checkpoint(state, output / 'best.pth.tar')
+                write_checkpoint(state, output / 'last.pth.tar')
             best = max(best, last_eval['mAP'])
         resume_state = None
     summary = dict(args=_jsonable(args), last_eval=last_eval, best_mAP=best)
@@ -424,7 +530,7 @@ def run(args) -> Dict[str, Any]:
         test_set.transform = eval_transform
         summary['test'] = _evaluate(model, make_loader(IndexedDataset(test_set), args, train=False))
     if _is_primary(args):
-        (output / 'summary.json').write_text(json.dumps(summary, indent=2))
+        atomic_write_text(output / 'summary.json', json.dumps(summary, indent=2))
         print_table([json.loads(line) for line in metrics_file.read_text().splitlines()], summary)  # resumed runs too
         write_visualisations(args, model, val_set, output)
     return dict(history=history, last_eval=last_eval, summary=summary, stopped=False)
@@ -452,20 +558,34 @@ def write_visualisations(args, model, dataset, output: Path) -> None:
         _logger.info(f'wrote {min(args.num_viz, len(dataset))} visualisations to {output}')
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace a small text output in one step (a kill leaves the old or the new content)."""
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     args = parse_args(argv)
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    log_file = logging.FileHandler(Path(args.output) / 'train.log')
-    logging.getLogger().addHandler(log_file)
+    log_file = None
     try:
+        prepare_output(args, Path(args.output))
+        log_file = logging.FileHandler(Path(args.output) / 'train.log')
+        logging.getLogger().addHandler(log_file)
         return run(args)
-    except SetupError as e:
+    except (SetupError, RunError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         sys.exit(2)
+    except dist.DistBackendError as e:
+        print(f'train.py: error: rank {getattr(args, "rank", "?")}: a collective failed or timed out '
+              f'(--dist-timeout {args.dist_timeout:g} s): another rank stalled or died ({str(e).splitlines()[0][:200]})',
+              file=sys.stderr)
+        sys.exit(2)
     finally:
-        logging.getLogger().removeHandler(log_file)
-        log_file.close()
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -121,6 +121,6 @@ def test_single_positive_protocol(tmp_path):
     train, val = split_train_val(10)
     assert len(val) == 2 and len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 10
     save_observed_labels(tmp_path / 'obs.npy', result.labels)
-    assert np.array_equal(load_observed_labels(tmp_path / 'obs.npy', 4, 3), result.labels)
+    assert np.array_equal(load_observed_labels(tmp_path / 'obs.npy', labels), result.labels)
     with pytest.raises(ValueError, match=r'expected \(5, 3\)'):
-        load_observed_labels(tmp_path / 'obs.npy', 5, 3)
+        load_observed_labels(tmp_path / 'obs.npy', np.ones((5, 3)))

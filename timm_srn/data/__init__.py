@@ -2,7 +2,8 @@
 from .geometry import GeometryRecordingTransform, PackedTargetDataset
 from .label_names import COCO_LABEL_NAMES, VOC_LABEL_NAMES
 from .targets import NUM_PACKED_FIELDS, PackedTarget, pack_target, unpack_target
-from .datasets import CocoDataset, CsvDataset, MultiLabelDataset, NpyDataset, RealDataset, VocDataset
+from .datasets import (
+    CocoDataset, CsvDataset, MultiLabelDataset, NpyDataset, RealDataset, VocDataset, csv_label_names, find_unreadable)
 from .single_positive import (
     SinglePositive, load_observed_labels, sample_single_positive, save_observed_labels, split_train_val)
 from .synthetic import SYNTHETIC_LABEL_NAMES, generate_synthetic_coco

@@ -15,12 +15,40 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .label_names import VOC_LABEL_NAMES
 
-__all__ = ['MultiLabelDataset', 'CocoDataset', 'VocDataset', 'NpyDataset', 'RealDataset', 'CsvDataset']
+__all__ = ['find_unreadable', 'to_rgb', 'csv_label_names', 'MultiLabelDataset', 'CocoDataset', 'VocDataset', 'NpyDataset', 'RealDataset', 'CsvDataset']
 
 _logger = logging.getLogger(__name__)
+
+
+def to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB from any PIL mode. 16-bit greyscale (PNG 'I;16', or 'I' holding 0..65535) is scaled by
+    255/65535 (PIL's own convert would clip it to white); other integer or float ranges are refused."""
+    if img.mode.startswith('I;16') or img.mode == 'I':
+        values = np.asarray(img, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f'{path}: 32-bit integer image with values {values.min()}..{values.max()}; only 8- and '
+                             f'16-bit images are supported.')
+        img = Image.fromarray((values * 255 + 32767) // 65535).convert('L') if values.size else img.convert('L')
+    elif img.mode == 'F':
+        raise ValueError(f'{path}: floating-point image (mode F) has no defined brightness range; convert it to '
+                         f'8- or 16-bit first.')
+    return img.convert('RGB')
+
+
+def find_unreadable(paths: Sequence[Path], progress: bool = True) -> List[Tuple[int, Path, str]]:
+    """(row, path, reason) of every image that cannot be fully decoded (missing, truncated, corrupt)."""
+    unreadable = []
+    for row, path in enumerate(tqdm(paths, desc='checking images', leave=False, disable=not progress)):
+        try:
+            with Image.open(path) as img:
+                to_rgb(img, path).load()
+        except (OSError, SyntaxError, ValueError) as e:
+            unreadable.append((row, path, str(e)))
+    return unreadable
 
 
 def _require(path: Path, what: str) -> Path:
@@ -54,15 +82,12 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             self._drop_unreadable()
 
     def _drop_unreadable(self) -> None:
-        keep = []
-        for i, path in enumerate(self.samples):
-            try:
-                with Image.open(path) as img:
-                    img.verify()
-                keep.append(i)
-            except (OSError, SyntaxError) as e:
-                _logger.warning(f'Skipping unreadable image {path}: {e}')
-        self.num_skipped = len(self.samples) - len(keep)
+        unreadable = find_unreadable(self.samples)
+        for _, path, reason in unreadable:
+            _logger.warning(f'Skipping unreadable image {path}: {reason}')
+        dropped = {row for row, _, _ in unreadable}
+        keep = [i for i in range(len(self.samples)) if i not in dropped]
+        self.num_skipped = len(unreadable)
         if self.num_skipped:
             _logger.warning(f'Skipped {self.num_skipped} unreadable images of {len(self.samples)}.')
         self.samples = [self.samples[i] for i in keep]
@@ -86,11 +111,11 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         path = self.samples[index]
         try:
             with Image.open(path) as img:
-                return img.convert('RGB')
+                return to_rgb(img, path)
         except FileNotFoundError:
             raise FileNotFoundError(f'Image {index} not found: {path}') from None
-        except OSError as e:
-            raise OSError(f'Image {index} is unreadable: {path} ({e}). Pass skip_unreadable=True to skip such files.') from e
+        except (OSError, ValueError) as e:
+            raise OSError(f'Image {index} is unreadable: {path} ({e}). Skip such files with skip_unreadable=True (train.py: --skip-unreadable).') from e
 
     def __getitem__(self, index: int) -> Tuple[object, torch.Tensor]:
         img = self.load_image(index)
@@ -222,25 +247,37 @@ class RealDataset(MultiLabelDataset):
                          skip_unreadable=skip_unreadable)
 
 
+def _read_csv_rows(csv_file) -> List[Tuple[str, List[str]]]:
+    """(image, label names) of each row of a CsvDataset file."""
+    with open(_require(Path(csv_file), 'CSV file'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {'image', 'labels'} <= set(rows[0]):
+        raise ValueError(f'{csv_file} needs the columns "image" and "labels", found {list(rows[0])}.')
+    return [(row['image'], [l.strip() for l in (row['labels'] or '').split(';') if l.strip()]) for row in rows]
+
+
+def csv_label_names(csv_file) -> List[str]:
+    """The sorted label names used in a CsvDataset file: the class list every split of that data shares."""
+    return sorted({label for _, labels in _read_csv_rows(csv_file) for label in labels})
+
+
 class CsvDataset(MultiLabelDataset):
     """Users' own data: an image folder plus a CSV with columns `image` (path relative to root) and `labels`
-    (label names separated by ';'). Label names come from `label_names` or, sorted, from the CSV."""
+    (label names separated by ';'). Label names come from `label_names` or, sorted, from the CSV; give every
+    split the same `label_names` (e.g. `csv_label_names(train_csv)`) so their columns agree."""
 
     def __init__(self, root, csv_file, label_names: Optional[Sequence[str]] = None, transform=None,
                  skip_unreadable: bool = False):
         root = _require(Path(root), 'image folder')
-        with open(_require(Path(csv_file), 'CSV file'), newline='') as f:
-            rows = list(csv.DictReader(f))
-        if rows and not {'image', 'labels'} <= set(rows[0]):
-            raise ValueError(f'{csv_file} needs the columns "image" and "labels", found {list(rows[0])}.')
-        parsed = [(row['image'], [l.strip() for l in row['labels'].split(';') if l.strip()]) for row in rows]
-        names = list(label_names) if label_names else sorted({l for _, labels in parsed for l in labels})
+        parsed = _read_csv_rows(csv_file)
+        names = list(label_names) if label_names else csv_label_names(csv_file)
         column = {name: i for i, name in enumerate(names)}
         targets = np.zeros((len(parsed), len(names)), dtype=np.float32)
         for i, (image, labels) in enumerate(parsed):
             for label in labels:
                 if label not in column:
-                    raise ValueError(f'{csv_file}, row {i + 2} ({image}): label {label!r} is not in the class list.')
+                    raise ValueError(f'{csv_file}, row {i + 2} ({image}): label {label!r} is not in the class list '
+                                     f'({len(names)} labels: {", ".join(names[:10])}{"..." if len(names) > 10 else ""}).')
                 targets[i, column[label]] = 1.
         super().__init__([root / image for image, _ in parsed], targets, names, transform,
                          skip_unreadable=skip_unreadable)

@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Callable, Optional
 
-from .datasets import CocoDataset, CsvDataset, MultiLabelDataset, NpyDataset, RealDataset, VocDataset
+from .datasets import CocoDataset, CsvDataset, csv_label_names, MultiLabelDataset, NpyDataset, RealDataset, VocDataset
 from .synthetic import generate_synthetic_coco
 
 __all__ = ['DATASET_NAMES', 'create_dataset', 'DEFAULT_SYNTHETIC_DIR']
@@ -34,7 +34,8 @@ def create_dataset(
     - voc2007: VOCdevkit/VOC2007 (train = trainval, val = test); voc2012: VOCdevkit/VOC2012 (train / val).
     - nuswide, cub: formatted_{train,val}_{images,labels}.npy with image paths relative to root.
     - imagenet-real: val/ (ILSVRC2012_val_*.JPEG) and real.json; evaluation only.
-    - csv: {train,val}.csv (columns image, labels) with image paths relative to root.
+    - csv: {train,val}.csv (columns image, labels) with image paths relative to root; the class list of every
+      split is classes.txt (one name a line) if present, else the sorted labels of train.csv.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset '{name}'; choose from {', '.join(DATASET_NAMES)}.")
@@ -62,4 +63,9 @@ def create_dataset(
         if split == 'train':
             raise ValueError('imagenet-real holds ReaL validation labels only: use it for evaluation.')
         return RealDataset(root / 'val', root / 'real.json', transform=transform, **kwargs)
-    return CsvDataset(root, root / f'{split}.csv', transform=transform, **kwargs)
+    # one class list for every split: classes.txt (one name a line) if present, else the labels of train.csv
+    classes_file = root / 'classes.txt'
+    label_names = [l.strip() for l in classes_file.read_text().splitlines() if l.strip()] if classes_file.exists() \
+        else csv_label_names(root / 'train.csv')
+    return CsvDataset(root, root / f'{split}.csv', label_names=kwargs.pop('label_names', label_names),
+                      transform=transform, **kwargs)

@@ -49,8 +49,24 @@ def save_observed_labels(path: Union[str, Path], labels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def load_observed_labels(path: Union[str, Path], num_images: int, num_classes: int) -> np.ndarray:
-    labels = np.load(path, allow_pickle=False)
-    if labels.shape != (num_images, num_classes):
-        raise ValueError(f'{path}: observed labels have shape {labels.shape}, expected ({num_images}, {num_classes}).')
-    return labels
+def load_observed_labels(path: Union[str, Path], true_labels: np.ndarray) -> np.ndarray:
+    """Observed labels saved for the images whose full labels are `true_labels` (N, C). Labels saved for other data
+    (another dataset, subset or class list) are refused: shape, 0/1 values, and every observed positive must be a
+    true positive of its image."""
+    true_labels = np.asarray(true_labels)
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path}: not a readable observed-label file ({e}).') from e
+    if labels.shape != true_labels.shape:
+        raise ValueError(f'{path}: observed labels have shape {labels.shape}, expected {true_labels.shape}: they were '
+                         f'saved for other data. Use another output folder or delete the file.')
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f'{path}: observed labels must be 0 or 1.')
+    wrong = np.argwhere((labels == 1) & (true_labels != 1))
+    if len(wrong):
+        row, column = wrong[0]
+        raise ValueError(
+            f'{path} is from another run: row {row} observes class {column}, which that image does not have '
+            f'({len(wrong)} such rows). Use another output folder or delete the file.')
+    return labels.astype(np.float32)

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-__all__ = ['PackedTarget', 'pack_target', 'unpack_target', 'unpack_observed', 'NUM_PACKED_FIELDS', 'FULL_BOX']
+__all__ = [
+    'PackedTarget', 'pack_target', 'unpack_target', 'unpack_observed', 'invalid_box_rows', 'NUM_PACKED_FIELDS', 'FULL_BOX']
 
 NUM_PACKED_FIELDS = 7
 FULL_BOX = (0., 0., 1., 1.)
@@ -42,8 +43,43 @@ def pack_target(
     return torch.cat([labels, extra])
 
 
+def invalid_box_rows(boxes: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: boxes that are not finite, outside [0, 1] or empty (x1 <= x0 or y1 <= y0)."""
+    outside = ~torch.isfinite(boxes).all(1) | ((boxes < 0) | (boxes > 1)).any(1)
+    return outside | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+
+
+def _first_row(bad: torch.Tensor) -> int:
+    return int(bad.nonzero()[0])
+
+
+def _check_packed_fields(extra: torch.Tensor) -> None:
+    """Reject packed fields that would address the wrong sample or a wrong region: index halves that are not
+    integers in [0, 2**16) (a fraction or an out-of-range low half aliases another sample), non-finite or
+    invalid boxes, flips other than 0 / 1. One host sync when everything is valid."""
+    hi, lo, boxes, flips = extra[:, 0], extra[:, 1], extra[:, 2:6], extra[:, 6]
+    bad_index = ~torch.isfinite(hi) | ~torch.isfinite(lo) | (hi != hi.floor()) | (lo != lo.floor()) | \
+        (hi < 0) | (hi >= _INDEX_BASE ** 2) | (lo < 0) | (lo >= _INDEX_BASE)
+    bad_box = invalid_box_rows(boxes)
+    bad_flip = (flips != 0) & (flips != 1)
+    if not bool((bad_index | bad_box | bad_flip).any()):
+        return
+    if bad_index.any():
+        row = _first_row(bad_index)
+        raise ValueError(
+            f'Packed target row {row}: index fields (hi={hi[row].item()}, lo={lo[row].item()}) are not an exact '
+            f'sample index (integers, 0 <= lo < {_INDEX_BASE}): pack targets with timm_srn.data.pack_target.')
+    if bad_box.any():
+        row = _first_row(bad_box)
+        raise ValueError(
+            f'Packed target row {row}: crop box {boxes[row].tolist()} must be finite, lie in [0, 1] and have '
+            f'x1 > x0 and y1 > y0.')
+    row = _first_row(bad_flip)
+    raise ValueError(f'Packed target row {row}: flip field is {flips[row].item()}, expected 0 or 1.')
+
+
 def unpack_target(target: torch.Tensor, num_classes: int) -> PackedTarget:
-    """Split a (B, C) plain or (B, C + 7) packed target."""
+    """Split a (B, C) plain or (B, C + 7) packed target; packed fields are validated (see `_check_packed_fields`)."""
     if target.ndim != 2:
         raise ValueError(f'Expected a (batch, classes) target, got shape {tuple(target.shape)}.')
     width = target.shape[1]
@@ -54,14 +90,29 @@ def unpack_target(target: torch.Tensor, num_classes: int) -> PackedTarget:
             f'Target has {width} columns; expected {num_classes} (plain labels) or '
             f'{num_classes + NUM_PACKED_FIELDS} (labels packed with index and crop geometry by pack_target).')
     extra = target[:, num_classes:].float()
+    _check_packed_fields(extra)
     index = extra[:, 0].long() * _INDEX_BASE + extra[:, 1].long()
     return PackedTarget(target[:, :num_classes], index, extra[:, 2:6], extra[:, 6] > 0.5)
 
 
-def unpack_observed(target: torch.Tensor, num_classes: int, needs_index: bool, criterion_name: str) -> PackedTarget:
+def unpack_observed(
+        output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str) -> PackedTarget:
     """`unpack_target` for single-positive criteria: float 0/1 observed labels, and the sample index when the
-    criterion keeps per-sample state. Soft labels mean Mixup/CutMix, which mixes samples: rejected."""
-    packed = unpack_target(target, num_classes)
+    criterion keeps per-sample state. Soft labels mean Mixup/CutMix, which mixes samples: rejected. Non-finite
+    logits raise `FloatingPointError` naming the rows (and sample indices), before the criterion changes any
+    state: a NaN loss is never returned silently."""
+    if output.ndim != 2:
+        raise ValueError(f'{criterion_name} expects (batch, classes) logits, got shape {tuple(output.shape)}.')
+    packed = unpack_target(target, output.shape[1])
+    if len(target) != len(output):
+        raise ValueError(f'{criterion_name}: {len(output)} rows of logits but {len(target)} rows of targets.')
+    nonfinite = ~torch.isfinite(output.detach()).all(1)
+    if bool(nonfinite.any()):
+        rows = nonfinite.nonzero()[:, 0].tolist()
+        samples = f' (dataset indices {packed.index[rows].tolist()[:8]})' if packed.index is not None else ''
+        raise FloatingPointError(
+            f'{criterion_name}: non-finite logits (NaN or Inf) in batch rows {rows[:8]}{samples}. The model diverged '
+            f'or overflowed (lower the learning rate, or use --amp bf16 instead of fp16); no state was updated.')
     labels = packed.labels.float()
     if not torch.all((labels == 0) | (labels == 1)):
         raise ValueError(

@@ -40,7 +40,7 @@ class _SinglePositiveLoss(nn.Module):
     needs_index = False
 
     def _labels(self, output: torch.Tensor, target: torch.Tensor):
-        packed = unpack_observed(target, output.shape[1], self.needs_index, type(self).__name__)
+        packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
         return packed.labels, packed.index
 
     def set_epoch(self, epoch: float) -> None:

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.task.evaluator import _gather_rows
 
+from ..data.targets import invalid_box_rows
+
 __all__ = ['HeatmapBuffer', 'crop_to_frame_grid', 'frame_to_crop_grid']
 
 
@@ -114,7 +116,10 @@ class HeatmapBuffer(nn.Module):
 
     # --- validation: all before any indexing kernel, so bad input never becomes a device-side assert ---
 
-    def _check(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, maps: Optional[torch.Tensor] = None):
+    def validate(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                 maps: Optional[torch.Tensor] = None) -> None:
+        """Raise on indices outside the buffer, invalid boxes or mis-shaped maps (callers validate before they
+        change any state; `read` and `write` validate too)."""
         batch = index.shape[0]
         if index.ndim != 1 or index.dtype not in (torch.int32, torch.int64):
             raise ValueError(f'index must be a 1-D integer tensor, got {index.dtype} of shape {tuple(index.shape)}.')
@@ -126,17 +131,17 @@ class HeatmapBuffer(nn.Module):
                 f'Expected maps ({batch}, {self.num_classes}, h, w), got shape {tuple(maps.shape)}.')
         if batch == 0:
             return
-        bad = ((index < 0) | (index >= self.num_samples)).nonzero()
-        if len(bad):
-            row = int(bad[0])
+        bad_index = (index < 0) | (index >= self.num_samples)
+        bad_box = invalid_box_rows(boxes.float())
+        if not bool((bad_index | bad_box).any()):
+            return
+        if bad_index.any():
+            row = int(bad_index.nonzero()[0])
             raise IndexError(
                 f'Sample index {int(index[row])} at batch row {row} is outside the buffer [0, {self.num_samples}).')
-        bad = ((boxes < 0) | (boxes > 1)).any(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-        bad = bad.nonzero()
-        if len(bad):
-            row = int(bad[0])
-            raise ValueError(
-                f'Crop box {boxes[row].tolist()} at batch row {row} must lie in [0, 1] with x1 > x0 and y1 > y0.')
+        row = int(bad_box.nonzero()[0])
+        raise ValueError(
+            f'Crop box {boxes[row].tolist()} at batch row {row} must be finite, lie in [0, 1] with x1 > x0 and y1 > y0.')
 
     # --- read ---
 
@@ -150,7 +155,7 @@ class HeatmapBuffer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Stored maps resampled into each crop's frame: (maps (B, C, h, w) float32, valid (B, C, h, w) bool)."""
         flips = flips.bool()
-        self._check(index, boxes, flips)
+        self.validate(index, boxes, flips)
         grid = crop_to_frame_grid(boxes.float(), flips, size)
         stored = F.grid_sample(self.maps[index].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
         seen = F.grid_sample(self.seen[index][:, None].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
@@ -184,7 +189,7 @@ class HeatmapBuffer(nn.Module):
         skipped and counted in `skipped_rows`. `class_scores` / `positives` (B, C) choose a sample's classes
         in top-k mode at its first write (default scores: the maps' spatial mean)."""
         flips = flips.bool()
-        self._check(index, boxes, flips, maps)
+        self.validate(index, boxes, flips, maps)
         index, maps, boxes, flips, class_scores, positives = self._gather(index, maps, boxes, flips, class_scores, positives)
         finite = torch.isfinite(maps).flatten(1).all(1)
         self.skipped_rows += (~finite).sum()

@@ -122,7 +122,9 @@ class SpatialConsistencyLoss(nn.Module):
         return float(self.samples_seen) / self.num_samples
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        packed = unpack_observed(target, self.num_classes, self.needs_index, type(self).__name__)
+        packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
+        maps = self._latest_maps()
+        self._validate(packed, output, maps)  # everything checked before any state changes
         logits = output.float()
         observed = packed.labels > 0.5
         unobserved = ~observed
@@ -140,11 +142,8 @@ class SpatialConsistencyLoss(nn.Module):
             mask = unobserved & ema_valid
             soft = F.binary_cross_entropy_with_logits(logits, ema_probs, reduction='none')
             terms['consistency'] = self.consistency_weight * (soft * mask).mean()
-        maps = None
-        if self.heatmaps is not None:
-            if self._source is None:
-                raise RuntimeError('The spatial term needs the model heatmaps: call criterion.attach(model) first.')
-            maps = self._source.latest().float()
+        if maps is not None:
+            maps = maps.float()
             if self.spatial_space == 'prob':
                 maps = maps.sigmoid()
             if warm:
@@ -156,6 +155,23 @@ class SpatialConsistencyLoss(nn.Module):
         if self.training:
             self._update(packed, logits, observed, maps)
         return loss
+
+    def _latest_maps(self) -> Optional[torch.Tensor]:
+        if self.heatmaps is None:
+            return None
+        if self._source is None:
+            raise RuntimeError('The spatial term needs the model heatmaps: call criterion.attach(model) first.')
+        return self._source.latest()
+
+    def _validate(self, packed: PackedTarget, output: torch.Tensor, maps: Optional[torch.Tensor]) -> None:
+        if output.shape[1] != self.num_classes:
+            raise ValueError(f'{type(self).__name__} was built for {self.num_classes} classes, got logits of shape '
+                             f'{tuple(output.shape)}.')
+        if packed.index is None:
+            return
+        for buffer, buffer_maps in ((self.predictions, None), (self.heatmaps, maps)):
+            if buffer is not None:
+                buffer.validate(packed.index, packed.boxes, packed.flips, buffer_maps)
 
     def _read_predictions(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.predictions is None or packed.index is None:
