@@ -14,3 +14,25 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope='session')
+def synthetic_dir(tmp_path_factory):
+    """One small built-in synthetic dataset per test session."""
+    from timm_srn.data import create_dataset
+    root = tmp_path_factory.mktemp('synthetic')
+    create_dataset('synthetic', root, 'train')
+    create_dataset('synthetic', root, 'val')
+    return root
+
+
+@pytest.fixture(scope='session')
+def train_script():
+    from .scripts import load_script
+    return load_script('train')
+
+
+@pytest.fixture(scope='session')
+def validate_script():
+    from .scripts import load_script
+    return load_script('validate')

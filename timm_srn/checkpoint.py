@@ -103,13 +103,14 @@ def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, Any]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        reason = f'it needs {found.group(1)}' if found else str(e).splitlines()[0][:200]
-        raise CheckpointError(
-            f'{path} holds objects other than tensors and plain values; refusing to load it ({reason}).') from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]}).') from e
+        if found:
+            raise CheckpointError(f'{path} holds objects other than tensors and plain values; refusing to load it '
+                                  f'(it needs {found.group(1)}).') from e
+        detail = re.search(r'WeightsUnpickler error:\s*([^\n]+)', str(e))
+        reason = detail.group(1) if detail else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f'{path} is truncated or not a PyTorch checkpoint ({reason[:200]}).') from e
     if not isinstance(state, dict):
         raise CheckpointError(f'{path} holds a {type(state).__name__}, not a checkpoint dictionary.')
     if CHECKSUM_KEY in state and state[CHECKSUM_KEY] != state_checksum(state):
@@ -140,30 +141,54 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 _SOURCE_ONLY_ARGS = ('pretrained_backbone', 'pretrained_cfg_overlay', 'pretrained_cfg', 'checkpoint_path')
 
 
+def _model_args(state: Dict[str, Any]) -> Dict[str, Any]:
+    """create_model arguments of a checkpoint: timm-srn's 'model_args', or those of timm's train.py ('args')."""
+    if 'model_args' in state:
+        return {k: v for k, v in state['model_args'].items() if k not in _SOURCE_ONLY_ARGS}
+    args = state.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    model_args = dict(args.get('model_kwargs') or {})
+    for name in ('num_classes', 'in_chans', 'img_size'):
+        if args.get(name) is not None and not (name == 'img_size' and not str(state['arch']).startswith('srn')):
+            model_args.setdefault(name, args[name])
+    return model_args
+
+
 def create_model_from_checkpoint(path: Union[str, Path], use_ema: bool = False, **overrides) -> torch.nn.Module:
-    """Rebuild the model of a training checkpoint (its 'arch' and 'model_args') and load its weights."""
+    """Rebuild the model of a training checkpoint (timm-srn's train.py or timm's own) and load its weights."""
     import timm
     state = load_checkpoint_file(path)
     if 'arch' not in state or 'state_dict' not in state:
-        raise CheckpointError(f'{path} is not a timm-srn training checkpoint (no arch / state_dict).')
-    model_args = {k: v for k, v in state.get('model_args', {}).items() if k not in _SOURCE_ONLY_ARGS}
-    model_args.update(overrides)
-    model = timm.create_model(state['arch'], pretrained=False, **model_args)
+        raise CheckpointError(f'{path} is not a training checkpoint (no arch / state_dict).')
+    model = timm.create_model(state['arch'], pretrained=False, **{**_model_args(state), **overrides})
     key = 'state_dict_ema' if use_ema else 'state_dict'
     if key not in state:
-        raise ValueError(f'{path} has no {key} (train with --model-ema for EMA weights).')
-    model.load_state_dict(state[key])
-    # what the weights were trained for (label names, input size)
-    model.pretrained_cfg.update({k: tuple(v) for k, v in state.get('pretrained_cfg', {}).items()})
+        raise CheckpointError(f'{path} has no {key} (train with --model-ema for EMA weights).')
+    try:
+        model.load_state_dict(state[key])
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: weights do not fit {state["arch"]} ({str(e).splitlines()[0]}).') from e
+    # what the weights were trained for (label names, input size, tag)
+    model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in state.get('pretrained_cfg', {}).items()})
+    if model.pretrained_cfg.get('tag') in (None, '', 'untrained'):
+        model.pretrained_cfg['tag'] = f'checkpoint_{Path(path).name.split(".")[0]}'
     return model
 
 
-def load_model(source: Union[str, Path], pretrained: bool = False, weights: Optional[Union[str, Path]] = None,
-               use_ema: bool = False) -> torch.nn.Module:
-    """A model from a train.py checkpoint file, or by registered name / `hf-hub:` id with its pretrained weights
-    (`pretrained=True`) or a local weights file (`weights=`, safetensors or .pth, via timm's loader)."""
+# sources that name weights: loading them means loading their weights unless pretrained=False is passed
+_WEIGHT_SOURCES = ('local-dir:', 'hf-hub:')
+
+
+def load_model(source: Union[str, Path], pretrained: Optional[bool] = None,
+               weights: Optional[Union[str, Path]] = None, use_ema: bool = False) -> torch.nn.Module:
+    """A trained model from a checkpoint file (timm-srn's or timm's train.py), a `local-dir:FOLDER` or
+    `hf-hub:ORG/NAME` source (their weights are loaded: `pretrained` defaults to True there), or a registered
+    name (`pretrained=True` for its published weights) with an optional local weights file (`weights=`)."""
     import timm
     if Path(source).is_file():
         return create_model_from_checkpoint(source, use_ema=use_ema)
+    if pretrained is None:
+        pretrained = str(source).startswith(_WEIGHT_SOURCES)
     overlay = dict(file=str(weights)) if weights else None
     return timm.create_model(str(source), pretrained=pretrained or weights is not None, pretrained_cfg_overlay=overlay)

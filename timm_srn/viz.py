@@ -127,7 +127,8 @@ def save_buffer_overlays(
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog='python -m timm_srn.viz', description=__doc__.split('\n')[0])
     parser.add_argument('--model', required=True, help='registered model name, hf-hub:ORG/NAME, or a checkpoint file')
-    parser.add_argument('--pretrained', action='store_true', help='load pretrained weights for a model name')
+    parser.add_argument('--pretrained', action='store_true', default=None,
+                        help='load the pretrained weights of a registered name (local-dir: / hf-hub: sources always load theirs)')
     parser.add_argument('--image', required=True)
     parser.add_argument('--out', required=True)
     parser.add_argument('--top-k', type=int, default=3)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -44,8 +45,8 @@ import timm_srn  # noqa: F401  registers the srn models
 from timm_srn.checkpoint import (
     CheckpointError, load_checkpoint_file, remove_stale_temporaries, rng_state, save_atomic, set_rng_state)
 from timm_srn.data import (
-    DATASET_NAMES, PackedTargetDataset, create_dataset, find_unreadable, load_observed_labels,
-    sample_single_positive, save_observed_labels, split_train_val)
+    DATASET_NAMES, PackedTargetDataset, create_dataset, find_unreadable, load_observed_labels, protocol_split,
+    save_observed_labels)
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform
 from timm_srn.losses import SRNStageLoss, create_single_positive_loss
 
@@ -54,7 +55,7 @@ _logger = logging.getLogger('train')
 SINGLE_POSITIVE_LOSSES = (
     'an', 'an-ls', 'wan', 'epr', 'role', 'll-r', 'll-ct', 'll-cp', 'em', 'em-apl', 'consistency', 'en', 'spatial')
 LOSSES = MULTI_LABEL_LOSS_TYPES + SINGLE_POSITIVE_LOSSES
-TRAINED_CFG_KEYS = ('label_names', 'input_size')  # pretrained_cfg entries set by training, kept in checkpoints
+TRAINED_CFG_KEYS = ('label_names', 'input_size', 'tag')  # pretrained_cfg entries set by training, kept in checkpoints
 BENCHMARK_NAMES = {'voc2007': 'voc', 'voc2012': 'voc'}  # expected-positive counts (EPR / ROLE) by benchmark
 METRIC_COLUMNS = ('mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1')
 
@@ -162,9 +163,9 @@ def create_model(args, num_classes: int) -> nn.Module:
 
 
 def single_positive_split(args, train_full, output: Path):
-    """The protocol: 80/20 split of official train (seed 1200) and one observed positive per training image."""
-    train_idx, val_idx = split_train_val(len(train_full))
-    train, val = train_full.subset(train_idx), train_full.subset(val_idx)
+    """The protocol: 80/20 split of official train (seed 1200) and one observed positive per training image,
+    kept in the output folder so a resumed run trains on the same labels."""
+    train, val, observed, num_without_positive = protocol_split(train_full)
     path = output / 'observed_labels.npy'
     if path.exists():
         try:
@@ -172,10 +173,8 @@ def single_positive_split(args, train_full, output: Path):
         except ValueError as e:
             raise SetupError(str(e)) from e
     else:
-        result = sample_single_positive(train.targets, seed=1200)
-        observed = result.labels
-        if result.num_without_positive:
-            _logger.warning(f'{result.num_without_positive} training images have no positive: no observed label.')
+        if num_without_positive:
+            _logger.warning(f'{num_without_positive} training images have no positive: no observed label.')
         if _is_primary(args):
             save_observed_labels(path, observed)
     return train, val, observed
@@ -407,7 +406,8 @@ def run(args) -> Dict[str, Any]:
     # --- model ---
     model = create_model(args, num_classes)
     # what the weights are trained for: exports, cards and evaluation read these
-    model.pretrained_cfg.update(label_names=tuple(train_full.label_names), input_size=(3, args.img_size, args.img_size))
+    model.pretrained_cfg.update(label_names=tuple(train_full.label_names), input_size=(3, args.img_size, args.img_size),
+                                tag=f'{args.dataset}_{args.img_size}' + (f'_{args.loss}' if single_positive else ''))
     stages = stages_to_run(args)
     if args.resume:
         resume_state = load_resume_state(args)
@@ -558,6 +558,12 @@ def write_visualisations(args, model, dataset, output: Path) -> None:
         _logger.info(f'wrote {min(args.num_viz, len(dataset))} visualisations to {output}')
 
 
+def is_collective_failure(error: RuntimeError) -> bool:
+    """A distributed collective that timed out or lost its peer (nccl raises DistBackendError, gloo RuntimeError)."""
+    return isinstance(error, dist.DistBackendError) or (dist.is_initialized() and re.search(
+        r'timed? ?out|timeout|pair closure|connection (reset|closed)', str(error), re.IGNORECASE) is not None)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace a small text output in one step (a kill leaves the old or the new content)."""
     tmp = path.with_name(f'.{path.name}.tmp')
@@ -577,7 +583,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except (SetupError, RunError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         sys.exit(2)
-    except dist.DistBackendError as e:
+    except RuntimeError as e:
+        if not is_collective_failure(e):
+            raise
         print(f'train.py: error: rank {getattr(args, "rank", "?")}: a collective failed or timed out '
               f'(--dist-timeout {args.dist_timeout:g} s): another rank stalled or died ({str(e).splitlines()[0][:200]})',
               file=sys.stderr)

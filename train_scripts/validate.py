@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument('--checkpoint', help='a train.py checkpoint (last.pth.tar / best.pth.tar)')
     source.add_argument('--model', help='registered name (with tag) or hf-hub:ORG/NAME')
-    p.add_argument('--pretrained', action='store_true', help='with --model: load its pretrained weights')
+    p.add_argument('--pretrained', action='store_true', default=None,
+                   help='with --model NAME: load its pretrained weights (local-dir: / hf-hub: sources always load theirs)')
     p.add_argument('--weights', default=None, help='with --model: a local weights file (safetensors or .pth)')
     p.add_argument('--use-ema', action='store_true', help='with --checkpoint: the EMA weights')
     p.add_argument('--dataset', default='synthetic', choices=DATASET_NAMES)

@@ -9,7 +9,7 @@ import torch
 
 from timm_srn.checkpoint import load_checkpoint_file
 
-from .conftest import SCRIPTS, load_script
+from ..scripts import SCRIPTS, load_script
 
 TINY = ['--model', 'srn_test_resnet', '--img-size', '96', '--batch-size', '16', '--workers', '0', '--no-progress',
         '--max-train-images', '192', '--max-val-images', '64', '--num-viz', '1', '--lr', '3e-3']

@@ -5,6 +5,7 @@ from .targets import NUM_PACKED_FIELDS, PackedTarget, pack_target, unpack_target
 from .datasets import (
     CocoDataset, CsvDataset, MultiLabelDataset, NpyDataset, RealDataset, VocDataset, csv_label_names, find_unreadable)
 from .single_positive import (
-    SinglePositive, load_observed_labels, sample_single_positive, save_observed_labels, split_train_val)
+    SinglePositive, load_observed_labels, protocol_split, sample_single_positive, save_observed_labels,
+    split_train_val)
 from .synthetic import SYNTHETIC_LABEL_NAMES, generate_synthetic_coco
 from .factory import DATASET_NAMES, create_dataset

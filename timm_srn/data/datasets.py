@@ -32,7 +32,7 @@ def to_rgb(img: Image.Image, path: Path) -> Image.Image:
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise ValueError(f'{path}: 32-bit integer image with values {values.min()}..{values.max()}; only 8- and '
                              f'16-bit images are supported.')
-        img = Image.fromarray((values * 255 + 32767) // 65535).convert('L') if values.size else img.convert('L')
+        img = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
     elif img.mode == 'F':
         raise ValueError(f'{path}: floating-point image (mode F) has no defined brightness range; convert it to '
                          f'8- or 16-bit first.')

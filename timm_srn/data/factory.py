@@ -1,8 +1,10 @@
 """Datasets by name for the training and evaluation scripts: one place maps names to folder layouts."""
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from .datasets import CocoDataset, CsvDataset, csv_label_names, MultiLabelDataset, NpyDataset, RealDataset, VocDataset
+from .geometry import PackedTargetDataset
+from .single_positive import protocol_split
 from .synthetic import generate_synthetic_coco
 
 __all__ = ['DATASET_NAMES', 'create_dataset', 'DEFAULT_SYNTHETIC_DIR']
@@ -10,6 +12,8 @@ __all__ = ['DATASET_NAMES', 'create_dataset', 'DEFAULT_SYNTHETIC_DIR']
 DATASET_NAMES = ('synthetic', 'coco', 'voc2007', 'voc2012', 'nuswide', 'cub', 'imagenet-real', 'csv')
 DEFAULT_SYNTHETIC_DIR = Path('data') / 'synthetic'
 SYNTHETIC_SIZES = {'train': (2000, 0), 'val': (500, 1)}  # (images, seed)
+# timm's split names and ours -> the folder split ('test' is the official validation set)
+SPLIT_NAMES = {'train': 'train', 'training': 'train', 'validation': 'val', 'val': 'val', 'eval': 'val', 'test': 'val'}
 
 
 def _voc_root(root: Path, year: str) -> Path:
@@ -22,12 +26,35 @@ def _voc_root(root: Path, year: str) -> Path:
 def create_dataset(
         name: str,
         root: Optional[str] = None,
-        split: str = 'train',
+        split: str = 'validation',
+        search_split: bool = True,
+        class_map: Optional[dict] = None,
+        load_bytes: bool = False,
+        is_training: bool = False,
+        download: bool = False,
+        batch_size: int = 1,
+        num_samples: Optional[int] = None,
+        seed: int = 42,
+        repeats: int = 0,
+        input_img_mode: str = 'RGB',
+        trust_remote_code: bool = False,
         transform: Optional[Callable] = None,
+        single_positive: bool = False,
         synthetic_image_size: int = 160,
         **kwargs,
-) -> MultiLabelDataset:
-    """A dataset by name and split ('train' or 'val'). Layouts under `root`:
+) -> Union[MultiLabelDataset, PackedTargetDataset]:
+    """A dataset by name and split, with the signature of `timm.data.create_dataset` so that swapping the import
+    in timm's train.py is the only change for data. Splits: 'train' / 'training'; 'validation' / 'val' / 'eval' /
+    'test' (the official validation set). timm's reader options that do not apply to these formats (search_split,
+    is_training, batch_size, seed, trust_remote_code, input_key, target_key) are accepted and ignored; options
+    that would change the data (class_map, load_bytes, a mode other than RGB, repeats, num_samples, download of
+    non-synthetic data) raise.
+
+    With `single_positive=True` the protocol applies (80/20 split of official train, one observed positive per
+    training image, seed 1200): 'train' gives a `PackedTargetDataset` of the 80% (transform assigned later, e.g.
+    by timm's `create_loader`), 'validation' the fully labelled 20%, 'test' the official validation set.
+
+    Layouts under `root`:
 
     - synthetic: generated on first use (2000 train / 500 val scenes) as COCO json + JPEGs.
     - coco: {train,val}2014/ and annotations/instances_{train,val}2014.json.
@@ -37,10 +64,31 @@ def create_dataset(
     - csv: {train,val}.csv (columns image, labels) with image paths relative to root; the class list of every
       split is classes.txt (one name a line) if present, else the sorted labels of train.csv.
     """
+    for option, value, default in (('class_map', class_map, None), ('load_bytes', load_bytes, False),
+                                   ('input_img_mode', input_img_mode, 'RGB'), ('repeats', repeats, 0),
+                                   ('num_samples', num_samples, None)):
+        if value not in (default, '', {}):
+            raise ValueError(f'{option}={value!r} is not supported by timm_srn datasets.')
+    if download and name != 'synthetic':
+        raise ValueError(f"Dataset '{name}' cannot be downloaded: place its files under root ({root}).")
+    for ignored in ('input_key', 'target_key'):
+        kwargs.pop(ignored, None)
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}.")
+    if single_positive:
+        if SPLIT_NAMES[split] == 'val' and split != 'test':
+            return protocol_split(_create(name, root, 'train', transform, synthetic_image_size, **kwargs))[1]
+        if SPLIT_NAMES[split] == 'train':
+            train, _, observed, _ = protocol_split(_create(name, root, 'train', None, synthetic_image_size, **kwargs))
+            return PackedTargetDataset(train, transform, observed)
+    return _create(name, root, SPLIT_NAMES[split], transform, synthetic_image_size, **kwargs)
+
+
+def _create(name: str, root: Optional[str], split: str, transform: Optional[Callable], synthetic_image_size: int,
+            **kwargs) -> MultiLabelDataset:
+    """A dataset by name and split ('train' or 'val')."""
     if name not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset '{name}'; choose from {', '.join(DATASET_NAMES)}.")
-    if split not in ('train', 'val'):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
     if name == 'synthetic':
         root = Path(root or DEFAULT_SYNTHETIC_DIR)
         ann_file = root / 'annotations' / f'instances_{split}.json'

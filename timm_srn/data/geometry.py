@@ -55,29 +55,49 @@ class PackedTargetDataset(torch.utils.data.Dataset):
     """Yields (image, packed target) for per-sample criteria: the dataset index, the crop box and flip
     recorded by `GeometryRecordingTransform`, and the observed labels (e.g. single positives).
 
+    Assigning `dataset.transform = t` (as timm's `create_loader` does) wraps `t` in a
+    `GeometryRecordingTransform`, the pattern of timm's AugMixDataset, so the geometry keeps being recorded.
+
     Args:
         dataset: A timm_srn dataset returning (PIL image, multi-hot target); its own transform must be None.
-        transform: A timm transform, wrapped in `GeometryRecordingTransform`.
+        transform: A timm transform (wrapped in `GeometryRecordingTransform`), or None to assign one later.
         observed_labels: (N, C) labels to train on instead of the dataset's (single-positive protocol).
     """
 
-    def __init__(self, dataset, transform: Callable, observed_labels: Optional[np.ndarray] = None):
+    def __init__(self, dataset, transform: Optional[Callable] = None, observed_labels: Optional[np.ndarray] = None):
         if getattr(dataset, 'transform', None) is not None:
             raise ValueError('PackedTargetDataset applies the transform itself: create the dataset with transform=None.')
         if observed_labels is not None and len(observed_labels) != len(dataset):
             raise ValueError(
                 f'observed_labels has {len(observed_labels)} rows but the dataset has {len(dataset)} images.')
         self.dataset = dataset
-        self.transform = transform if isinstance(transform, GeometryRecordingTransform) else \
-            GeometryRecordingTransform(transform)
+        self.transform = transform
         self.observed_labels = observed_labels
+
+    @property
+    def transform(self) -> Optional[GeometryRecordingTransform]:
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform: Optional[Callable]) -> None:
+        if transform is not None and not isinstance(transform, GeometryRecordingTransform):
+            transform = GeometryRecordingTransform(transform)
+        self._transform = transform
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __getattr__(self, name: str):
+        # label_names, targets, mask, num_classes ... of the wrapped dataset
+        if name.startswith('_') or name == 'dataset':
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Tuple[Any, torch.Tensor]:
+        if self._transform is None:
+            raise RuntimeError('PackedTargetDataset has no transform: assign one (timm\'s create_loader does).')
         img, labels = self.dataset[index]
         if self.observed_labels is not None:
             labels = self.observed_labels[index]
-        img, (box, flip) = self.transform(img)
+        img, (box, flip) = self._transform(img)
         return img, pack_target(labels, index, box, flip)

@@ -11,7 +11,9 @@ from typing import NamedTuple, Tuple, Union
 
 import numpy as np
 
-__all__ = ['SinglePositive', 'sample_single_positive', 'split_train_val', 'save_observed_labels', 'load_observed_labels']
+__all__ = [
+    'SinglePositive', 'sample_single_positive', 'split_train_val', 'protocol_split', 'save_observed_labels',
+    'load_observed_labels']
 
 
 class SinglePositive(NamedTuple):
@@ -38,6 +40,15 @@ def split_train_val(num_images: int, val_fraction: float = 0.2, seed: int = 1200
     order = np.random.RandomState(seed).permutation(num_images)
     num_val = int(round(val_fraction * num_images))
     return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def protocol_split(dataset, seed: int = 1200):
+    """The protocol on an official train set (a timm_srn dataset): (train subset, fully labelled val subset,
+    observed labels of the train subset, images of the train subset without a positive)."""
+    train_idx, val_idx = split_train_val(len(dataset), seed=seed)
+    train = dataset.subset(train_idx)
+    result = sample_single_positive(train.targets, seed=seed)
+    return train, dataset.subset(val_idx), result.labels, result.num_without_positive
 
 
 def save_observed_labels(path: Union[str, Path], labels: np.ndarray) -> None:

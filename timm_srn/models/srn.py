@@ -437,7 +437,22 @@ def _backbone_cfg_overlay(backbone: str, img_size: Union[int, Tuple[int, int]]) 
     return overlay
 
 
+def _check_weights_published(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:
+    """Fail at once, without Hub retries, for registered tags whose weights are not on the Hub yet."""
+    tag = kwargs.get('pretrained_cfg')
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if not pretrained or not isinstance(tag, str) or overlay.get('file') or overlay.get('state_dict'):
+        return
+    name = f'{variant}.{tag}'
+    if name in UNPUBLISHED_WEIGHTS:
+        raise RuntimeError(
+            f"Pretrained weights for '{name}' are not published yet. Train them with the recipe in hub_cards/"
+            f"{name}.md (train_scripts/train.py ... then publish.py), or load your own file with "
+            f"pretrained_cfg_overlay=dict(file='...'), or use pretrained=False.")
+
+
 def _create_srn(variant: str, pretrained: bool = False, **kwargs) -> SRN:
+    _check_weights_published(variant, pretrained, kwargs)
     feature_cfg = dict(feature_cls='getter')
     if kwargs.get('features_only'):
         # features_only returns every backbone feature level (built on the meta device just to count them)
@@ -486,6 +501,10 @@ COCO_WEIGHTS = {
     'srn_convnext_tiny.coco_224': dict(first_conv='backbone.stem.0'),
     'srn_vit_small_patch16_224.coco_224': dict(first_conv='backbone.patch_embed.proj', pool_size=None),
 }
+
+
+# registered tags whose weights are not on the Hub yet (see hub_cards/): pretrained=True fails at once
+UNPUBLISHED_WEIGHTS = frozenset(COCO_WEIGHTS)
 
 
 def _test_cfg(**kwargs) -> Dict[str, Any]:
