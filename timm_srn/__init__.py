@@ -4,4 +4,5 @@ timm has no plugin discovery: `import timm_srn` registers the `srn*` models with
 """
 from .version import __version__
 from .models import SRN, SRNOutput, class_activation_maps, srn_stage_loss
+from .task import SinglePositiveTask
 from .losses import HeatmapBuffer, HeatmapSource, SpatialConsistencyLoss, create_single_positive_loss

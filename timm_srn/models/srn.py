@@ -437,14 +437,22 @@ def _backbone_cfg_overlay(backbone: str, img_size: Union[int, Tuple[int, int]]) 
     return overlay
 
 
+def _in_hub_cache(repo_id: str, cache_dir: Optional[str]) -> bool:
+    """Whether weights of `repo_id` already sit in the local Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+    return any(isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
+               for filename in ('model.safetensors', 'pytorch_model.bin'))
+
+
 def _check_weights_published(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:
-    """Fail at once, without Hub retries, for registered tags whose weights are not on the Hub yet."""
+    """Fail at once, without Hub retries, for registered tags whose weights are not on the Hub yet (a copy already
+    in the local Hugging Face cache, e.g. your own export, still loads)."""
     tag = kwargs.get('pretrained_cfg')
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     if not pretrained or not isinstance(tag, str) or overlay.get('file') or overlay.get('state_dict'):
         return
     name = f'{variant}.{tag}'
-    if name in UNPUBLISHED_WEIGHTS:
+    if name in UNPUBLISHED_WEIGHTS and not _in_hub_cache(f'{HUB_ORGANISATION}/{name}', kwargs.get('cache_dir')):
         raise RuntimeError(
             f"Pretrained weights for '{name}' are not published yet. Train them with the recipe in hub_cards/"
             f"{name}.md (train_scripts/train.py ... then publish.py), or load your own file with "
