@@ -120,7 +120,6 @@ def test_weight_sources_load_their_weights_and_unpublished_tags_fail_at_once(tmp
         timm.create_model('srn_resnet50.coco_224', pretrained=True)
     assert time.time() - start < 5
     model = timm.create_model('srn_test_resnet', num_classes=3)
-    from timm.models import push_to_hf_hub  # noqa: F401  (save_for_hf writes the local-dir layout)
     from timm.models._hub import save_for_hf
     save_for_hf(model, str(tmp_path))
     loaded = load_model(f'local-dir:{tmp_path}')

@@ -13,13 +13,13 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
 
 __all__ = [
-    'CheckpointError', 'save_atomic', 'load_checkpoint_file', 'state_checksum', 'remove_stale_temporaries',
+    'CheckpointError', 'write_atomic', 'save_atomic', 'load_checkpoint_file', 'state_checksum', 'remove_stale_temporaries',
     'rng_state', 'set_rng_state', 'create_model_from_checkpoint', 'load_model']
 
 CHECKSUM_KEY = 'checksum'
@@ -56,15 +56,15 @@ def state_checksum(state: Dict[str, Any]) -> str:
     return f'sha256:{hasher.hexdigest()}'
 
 
-def save_atomic(state: Dict[str, Any], path: Union[str, Path]) -> None:
-    """Write `state` plus its checksum to a temporary file in the same folder, fsync, then rename over `path`: a
-    crash leaves either the previous checkpoint or the new one, never a partial file. The file gets the usual
-    permissions of new files (0666 less the umask), like every other output."""
+def write_atomic(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(file)` on a temporary file in the same folder, fsync, then rename it over `path`: a crash leaves
+    either the previous file or the new one, never a partial file. The file gets the usual permissions of new
+    files (0666 less the umask). Every output of training (checkpoints, metrics, observed labels) is written so."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save({**state, CHECKSUM_KEY: state_checksum(state)}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -77,9 +77,15 @@ def save_atomic(state: Dict[str, Any], path: Union[str, Path]) -> None:
         raise
 
 
+def save_atomic(state: Dict[str, Any], path: Union[str, Path]) -> None:
+    """`torch.save` of `state` plus its checksum, written atomically (`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save({**state, CHECKSUM_KEY: state_checksum(state)}, f))
+
+
 def remove_stale_temporaries(folder: Union[str, Path]) -> int:
-    """Delete temporary files that `save_atomic` left in `folder` when its process was killed; returns the count."""
-    stale = [p for p in Path(folder).glob(f'.*{_TMP_SUFFIX}') if p.is_file() and '.pth' in p.name]
+    """Delete the temporary files (`.NAME.*.tmp`) that `write_atomic` left in `folder` when its process was killed;
+    returns the count."""
+    stale = [p for p in Path(folder).glob(f'.*{_TMP_SUFFIX}') if p.is_file()]
     for p in stale:
         p.unlink()
     return len(stale)
@@ -148,9 +154,9 @@ def _model_args(state: Dict[str, Any]) -> Dict[str, Any]:
     args = state.get('args')
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     model_args = dict(args.get('model_kwargs') or {})
-    for name in ('num_classes', 'in_chans', 'img_size'):
-        if args.get(name) is not None and not (name == 'img_size' and not str(state['arch']).startswith('srn')):
-            model_args.setdefault(name, args[name])
+    # img_size is a constructor argument of SRN (its f_sr kernel); timm's own models take their cfg size
+    names = ('num_classes', 'in_chans') + (('img_size',) if str(state['arch']).startswith('srn') else ())
+    model_args.update({name: args[name] for name in names if args.get(name) is not None and name not in model_args})
     return model_args
 
 

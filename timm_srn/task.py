@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.task import MultiLabelClassificationTask
 
-__all__ = ['SinglePositiveTask']
+__all__ = ['SinglePositiveTask', 'load_criterion_state']
 
 CRITERION_KEY = 'criterion'
 
@@ -68,9 +68,20 @@ class SinglePositiveTask(MultiLabelClassificationTask):
                     f'Checkpoint holds no {type(self.criterion).__name__} state (task_state.criterion): it was not '
                     f'written by a SinglePositiveTask, so per-sample buffers would restart empty.')
             return
-        for key, value in saved.items():
-            if key in expected and expected[key].shape != value.shape:
-                raise RuntimeError(
-                    f'Checkpoint criterion state {key} has shape {tuple(value.shape)} but this criterion needs '
-                    f'{tuple(expected[key].shape)} (another training set size or class count).')
-        self.criterion.load_state_dict(saved, strict=strict)
+        load_criterion_state(self.criterion, saved, strict=strict)
+
+
+def load_criterion_state(criterion: nn.Module, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Restore a criterion's buffers; a state saved for another training set size or class count is named (one
+    line) instead of torch's size-mismatch dump. Shared by `SinglePositiveTask` and train.py's resume."""
+    expected = criterion.state_dict()
+    for key, value in state.items():
+        if key in expected and expected[key].shape != value.shape:
+            raise RuntimeError(
+                f'Checkpoint criterion state {key} has shape {tuple(value.shape)} but this criterion needs '
+                f'{tuple(expected[key].shape)} (another training set size or class count).')
+    try:
+        criterion.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise RuntimeError(f'Checkpoint criterion state does not fit {type(criterion).__name__}: '
+                           f'{str(e).splitlines()[0]}') from e

@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 import shlex
 import sys
@@ -43,12 +42,14 @@ from timm.utils import ModelEmaV3, init_distributed_device, random_seed, unwrap_
 
 import timm_srn  # noqa: F401  registers the srn models
 from timm_srn.checkpoint import (
-    CheckpointError, load_checkpoint_file, remove_stale_temporaries, rng_state, save_atomic, set_rng_state)
+    CheckpointError, load_checkpoint_file, remove_stale_temporaries, rng_state, save_atomic, set_rng_state,
+    write_atomic)
 from timm_srn.data import (
     DATASET_NAMES, PackedTargetDataset, create_dataset, find_unreadable, load_observed_labels, protocol_split,
     save_observed_labels)
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform
 from timm_srn.losses import SRNStageLoss, create_single_positive_loss
+from timm_srn.task import load_criterion_state
 
 _logger = logging.getLogger('train')
 
@@ -255,6 +256,10 @@ def prepare_output(args, output: Path) -> None:
         _logger.info(f'removed {removed} temporary checkpoint files left by an interrupted run in {output}')
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
 def write_checkpoint(state: Dict[str, Any], path: Path) -> None:
     try:
         save_atomic(state, path)
@@ -271,19 +276,6 @@ def load_resume_state(args) -> Dict[str, Any]:
     if missing:
         raise SetupError(f'--resume {args.resume} is not a train.py training checkpoint (no {", ".join(missing)})')
     return state
-
-
-def load_criterion_state(criterion: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
-    """Restore the criterion's buffers; a state from another dataset size or class count is named, not dumped."""
-    expected = criterion.state_dict()
-    for key, value in state.items():
-        if key in expected and expected[key].shape != value.shape:
-            raise SetupError(f'--resume {path}: criterion state {key} has shape {tuple(value.shape)} but this run needs '
-                             f'{tuple(expected[key].shape)} (another training set size or class count)')
-    try:
-        criterion.load_state_dict(state)
-    except RuntimeError as e:
-        raise SetupError(f'--resume {path}: criterion state does not fit this --loss: {str(e).splitlines()[0]}') from e
 
 
 @contextmanager
@@ -376,8 +368,6 @@ def run(args) -> Dict[str, Any]:
     with collective_timeout(args.dist_timeout):
         device = init_distributed_device(args)
     args.device_obj = device
-    if _is_primary(args):
-        prepare_output(args, output)
     if args.distributed:
         dist.barrier()
     random_seed(args.seed, args.rank)
@@ -460,13 +450,13 @@ def run(args) -> Dict[str, Any]:
     if resume_state is not None and _is_primary(args) and 'metrics_lines' in resume_state:
         # records written after the checkpoint (a run killed mid-epoch) are dropped: every epoch appears once
         lines = metrics_file.read_text().splitlines()[:resume_state['metrics_lines']] if metrics_file.exists() else []
-        atomic_write_text(metrics_file, ''.join(line + '\n' for line in lines))
+        write_text_atomic(metrics_file, ''.join(line + '\n' for line in lines))
     if resume_state is None:
         initial = _evaluate(model, val_loader)
         history.append(dict(epoch=-1, stage=None, eval=initial))
         if _is_primary(args):
             _logger.info(f"untrained: val mAP {initial['mAP']:.2f}")
-            atomic_write_text(metrics_file, json.dumps(history[-1]) + '\n')
+            write_text_atomic(metrics_file, json.dumps(history[-1]) + '\n')
     epochs_this_run = 0
     last_eval: Dict[str, float] = {}
     criterion = None
@@ -490,7 +480,10 @@ def run(args) -> Dict[str, Any]:
             optimizer.load_state_dict(resume_state['optimizer'])
             scheduler.load_state_dict(resume_state['scheduler'])
             if 'criterion' in resume_state:
-                load_criterion_state(criterion, resume_state['criterion'], args.resume)
+                try:
+                    load_criterion_state(criterion, resume_state['criterion'])
+                except RuntimeError as e:
+                    raise SetupError(f'--resume {args.resume}: {e}') from e
             if ema is not None and 'state_dict_ema' in resume_state:
                 ema.module.load_state_dict(resume_state['state_dict_ema'])
             step, first_epoch, last_eval = resume_state['step'], start_epoch, resume_state['metrics']
@@ -530,7 +523,7 @@ def run(args) -> Dict[str, Any]:
         test_set.transform = eval_transform
         summary['test'] = _evaluate(model, make_loader(IndexedDataset(test_set), args, train=False))
     if _is_primary(args):
-        atomic_write_text(output / 'summary.json', json.dumps(summary, indent=2))
+        write_text_atomic(output / 'summary.json', json.dumps(summary, indent=2))
         print_table([json.loads(line) for line in metrics_file.read_text().splitlines()], summary)  # resumed runs too
         write_visualisations(args, model, val_set, output)
     return dict(history=history, last_eval=last_eval, summary=summary, stopped=False)
@@ -562,13 +555,6 @@ def is_collective_failure(error: RuntimeError) -> bool:
     """A distributed collective that timed out or lost its peer (nccl raises DistBackendError, gloo RuntimeError)."""
     return isinstance(error, dist.DistBackendError) or (dist.is_initialized() and re.search(
         r'timed? ?out|timeout|pair closure|connection (reset|closed)', str(error), re.IGNORECASE) is not None)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace a small text output in one step (a kill leaves the old or the new content)."""
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -75,13 +75,13 @@ def create_dataset(
         kwargs.pop(ignored, None)
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}.")
-    if single_positive:
-        if SPLIT_NAMES[split] == 'val' and split != 'test':
-            return protocol_split(_create(name, root, 'train', transform, synthetic_image_size, **kwargs))[1]
-        if SPLIT_NAMES[split] == 'train':
-            train, _, observed, _ = protocol_split(_create(name, root, 'train', None, synthetic_image_size, **kwargs))
-            return PackedTargetDataset(train, transform, observed)
-    return _create(name, root, SPLIT_NAMES[split], transform, synthetic_image_size, **kwargs)
+    if not single_positive or split == 'test':
+        return _create(name, root, SPLIT_NAMES[split], transform, synthetic_image_size, **kwargs)
+    # the protocol draws both its splits from the official train set
+    if SPLIT_NAMES[split] == 'train':
+        train, _, observed, _ = protocol_split(_create(name, root, 'train', None, synthetic_image_size, **kwargs))
+        return PackedTargetDataset(train, transform, observed)
+    return protocol_split(_create(name, root, 'train', transform, synthetic_image_size, **kwargs))[1]
 
 
 def _create(name: str, root: Optional[str], split: str, transform: Optional[Callable], synthetic_image_size: int,

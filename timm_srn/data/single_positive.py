@@ -5,11 +5,12 @@
   counted in the result.
 - `split_train_val`: 20% of the official train set becomes a fully labelled validation split (seed 1200).
 """
-import os
 from pathlib import Path
 from typing import NamedTuple, Tuple, Union
 
 import numpy as np
+
+from ..checkpoint import write_atomic
 
 __all__ = [
     'SinglePositive', 'sample_single_positive', 'split_train_val', 'protocol_split', 'save_observed_labels',
@@ -52,12 +53,8 @@ def protocol_split(dataset, seed: int = 1200):
 
 
 def save_observed_labels(path: Union[str, Path], labels: np.ndarray) -> None:
-    """Write atomically (temporary file + rename): a concurrent reader never sees a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp')
-    with open(tmp, 'wb') as f:
-        np.save(f, np.asarray(labels, dtype=np.float32))
-    os.replace(tmp, path)
+    """Write atomically (`write_atomic`): a concurrent reader never sees a partial file."""
+    write_atomic(path, lambda f: np.save(f, np.asarray(labels, dtype=np.float32)))
 
 
 def load_observed_labels(path: Union[str, Path], true_labels: np.ndarray) -> np.ndarray:

@@ -169,9 +169,11 @@ class SpatialConsistencyLoss(nn.Module):
                              f'{tuple(output.shape)}.')
         if packed.index is None:
             return
-        for buffer, buffer_maps in ((self.predictions, None), (self.heatmaps, maps)):
-            if buffer is not None:
-                buffer.validate(packed.index, packed.boxes, packed.flips, buffer_maps)
+        # both buffers hold the same samples: one check of index and boxes, plus the heatmap shape if any
+        if self.heatmaps is not None:
+            self.heatmaps.validate(packed.index, packed.boxes, packed.flips, maps)
+        elif self.predictions is not None:
+            self.predictions.validate(packed.index, packed.boxes, packed.flips)
 
     def _read_predictions(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.predictions is None or packed.index is None:
