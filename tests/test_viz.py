@@ -44,3 +44,16 @@ def test_command_line(tmp_path, capsys):
     main(['--model', 'srn_test_convnext', '--image', str(tmp_path / 'in.jpg'), '--out', str(tmp_path / 'out.png')])
     assert Image.open(tmp_path / 'out.png').size == (4 * TILE, 3 * (TILE + TITLE))
     assert 'wrote' in capsys.readouterr().out
+
+
+def test_command_line_loads_the_weights_of_a_local_folder(tmp_path, monkeypatch):
+    from timm.models._hub import save_for_hf
+    import timm_srn.viz
+    trained = timm.create_model('srn_test_resnet', num_classes=3)
+    save_for_hf(trained, str(tmp_path / 'folder'))
+    _image().save(tmp_path / 'in.jpg')
+    used = []
+    monkeypatch.setattr(timm_srn.viz, 'save_model_overlays', lambda model, *args: used.append(model) or args[1])
+    main(['--model', f'local-dir:{tmp_path / "folder"}', '--image', str(tmp_path / 'in.jpg'), '--out', str(tmp_path / 'o.png')])
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, used[0].state_dict()[key]), key  # no --pretrained needed: the folder's weights

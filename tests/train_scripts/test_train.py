@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from timm_srn.checkpoint import load_checkpoint_file
+from timm_srn.checkpoint import load_checkpoint_file, load_model
 
 from ..scripts import SCRIPTS, load_script
 
@@ -46,6 +46,8 @@ def test_two_epochs_improve_map_and_validate_reproduces_it(synthetic_dir, tmp_pa
     config = json.loads((folder / 'config.json').read_text())
     assert config['label_names'][-1] == 'ball left of dog' and config['model_args']['pretrained_backbone'] is False
     assert config['pretrained_cfg']['input_size'] == [3, 96, 96]
+    assert config['pretrained_cfg']['tag'] == 'synthetic_96'  # a trained checkpoint is not tagged 'untrained'
+    assert load_model(tmp_path / 'last.pth.tar').pretrained_cfg['tag'] == 'synthetic_96'
     # the exported folder loads through timm's own local-dir source and evaluates to the same numbers
     exported = validate_script.main(['--model', f'local-dir:{folder}', '--pretrained', '--data-dir', str(synthetic_dir),
                                      '--max-images', '64', '--workers', '0', '--output', str(tmp_path / 'exported.json')])
