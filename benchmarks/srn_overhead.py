@@ -89,8 +89,7 @@ def print_breakdown(models, x, device, amp_dtype, baseline: float, steps: int) -
                 x, indices=[srn.tap_index], output_fmt='NCHW', intermediates_only=False),
             'f_att + conf': lambda: srn.attention(tap),
             'f_sr': lambda: srn.regularizer(weighted),
-            'class maps': lambda: timm_srn.class_activation_maps(
-                final, lambda f: srn.backbone.forward_head(f, pre_logits=True), srn.fc),
+            'class maps': lambda: timm_srn.class_activation_maps(srn.backbone, final, tuple(x.shape[-2:]), srn.forward_head),
         }
         times = time_interleaved(parts, device, steps=steps)
     print('inference breakdown (share of the resnet101 forward):')

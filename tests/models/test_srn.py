@@ -6,6 +6,7 @@ import timm
 from safetensors.torch import save_file
 
 from timm_srn import srn_stage_loss
+from timm_srn.models.srn import tap_feature_index
 
 
 def _tiny(name='srn_test_resnet', **kwargs):
@@ -145,11 +146,31 @@ def test_generic_entrypoint_any_backbone():
     assert 'backbone.conv_stem.weight' in model.state_dict()
 
 
+def test_tap_is_the_feature_closest_to_reduction_16():
+    cases = {(4, 8, 16, 32): 2, (7, 14, 28): 1, (14,) * 12: 11, (12, 12, 12, 17, 17, 17): 5, (8, 32): 0, (8, 24): 1,
+             (16, 16, 32): 1}
+    for reductions, index in cases.items():
+        assert tap_feature_index([dict(reduction=r) for r in reductions]) == index, reductions
+    # output stride 8: the late stages all have reduction 8 -> the deepest; the f_sr kernel follows its 20x20 map
+    model = timm.create_model('srn', backbone='test_resnet', img_size=160, backbone_kwargs=dict(output_stride=8))
+    assert [info['reduction'] for info in model.feature_info][-2:] == [8, 8]
+    assert model.tap_index == len(model.feature_info) - 1 and model.tap_map_size == (20, 20)
+    assert model.regularizer.conv3.kernel_size == (20, 20)
+    assert model(torch.randn(2, 3, 160, 160)).shape == (2, 80)
+
+
+def test_img_size_defaults_to_the_backbone_size_and_impossible_sizes_are_refused():
+    model = timm.create_model('srn', backbone='cait_xxs24_384', device='meta')
+    assert model.img_size == (384, 384) and model.pretrained_cfg['input_size'] == (3, 384, 384)
+    assert timm.create_model('srn', backbone='test_convnext', device='meta').img_size == (160, 160)
+    with pytest.raises(ValueError, match=r"Backbone 'cait_xxs24_384' cannot run at img_size=\(224, 224\) .*"
+                                         r"pretrained input size \(384, 384\)"):
+        timm.create_model('srn', backbone='cait_xxs24_384', img_size=224)
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="Unknown backbone 'no_such_net'"):
         timm.create_model('srn', backbone='no_such_net')
-    with pytest.raises(ValueError, match='no reduction-16 feature'):
-        timm.create_model('srn', backbone='test_resnet', img_size=160, backbone_kwargs=dict(output_stride=8))
     # weights for 5 classes into a model configured for the same count as the cfg but built with 7
     weights = tmp_path / 'srn5.safetensors'
     save_file(_tiny().state_dict(), str(weights))

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.utils import unwrap_model
 
-from ..models.class_maps import class_activation_maps, token_grid_size
+from ..models.class_maps import class_activation_maps
 from ..models.srn import SRN
 
 __all__ = ['HeatmapSource']
@@ -17,9 +17,10 @@ class HeatmapSource:
     """Captures the heatmaps of the latest forward of `model`.
 
     SRN: its `class_maps` (or `attention` / `confidence`) through `register_output_hook`. Any other
-    timm model with a pooled linear head: `forward_features` is wrapped to keep its output, and the
-    maps are its classifier applied at every position (`class_activation_maps`), whose spatial mean
-    equals the logits for GAP + linear heads.
+    timm model: `forward_features` is wrapped to keep its output, and the maps are its own head applied
+    at every position (`class_activation_maps`), whose spatial mean equals the logits for average-pool +
+    linear heads. Families whose final features have no spatial layout (CrossViT, EfficientViM, PiT)
+    raise a ValueError at the first call; SRN on the same backbone gives them maps.
     """
 
     def __init__(self, model: nn.Module, source: str = 'class_maps'):
@@ -40,7 +41,7 @@ class HeatmapSource:
         def forward_features(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             features = original(x, *args, **kwargs)
             self.maps = None
-            self._features = (features, token_grid_size(model, x.shape[-2:]))
+            self._features = (features, tuple(x.shape[-2:]))
             return features
 
         model.forward_features = forward_features
@@ -50,15 +51,13 @@ class HeatmapSource:
     def latest(self) -> torch.Tensor:
         """Heatmaps (B, C, h, w) of the latest forward."""
         if self.maps is None and self._features is not None:
-            features, grid = self._features
-            model = self._model
-            self.maps = class_activation_maps(
-                features,
-                lambda f: model.forward_head(f, pre_logits=True),
-                model.get_classifier(),
-                num_prefix_tokens=getattr(model, 'num_prefix_tokens', 0),
-                grid_size=grid,
-            )
+            features, image_size = self._features
+            self.maps = class_activation_maps(self._model, features, image_size, self._model.forward_head)
+            if self.maps is None:
+                raise ValueError(
+                    f'{type(self._model).__name__} has no per-position final features (they are a list of branches '
+                    f'or a class token only), so its head gives no class maps. Use SRN on this backbone '
+                    f"(timm.create_model('srn', backbone=...)) whose class maps fall back to its confidence maps.")
         if self.maps is None:
             raise RuntimeError('No heatmaps captured: run the attached model forward before calling the criterion.')
         return self.maps

@@ -41,7 +41,8 @@ class SRNOutput(NamedTuple):
     sr_logits: torch.Tensor  # spatial regulariser y_sr, (B, C)
     attention: torch.Tensor  # A, softmax over positions per image and class, (B, C, h, w)
     confidence: torch.Tensor  # S, (B, C, h, w)
-    class_maps: torch.Tensor  # main classifier at every position of the final features, (B, C, H, W)
+    class_maps: torch.Tensor  # main branch at every position of the final features, (B, C, H, W); S where
+    # the final features have no spatial layout (CrossViT, EfficientViM, PiT)
 
 
 def _factory_kwargs(module: nn.Module) -> Dict[str, Any]:
@@ -137,15 +138,22 @@ def _get_optional_submodule(module: nn.Module, name: str) -> Optional[nn.Module]
     return module
 
 
-def _reduction16_index(feature_info: Sequence[Dict[str, Any]], backbone_name: str) -> int:
-    """Index of the last backbone feature with reduction 16 (layer3 / res4b22 for ResNets)."""
-    reductions = [info['reduction'] for info in feature_info]
-    for index in reversed(range(len(reductions))):
-        if reductions[index] == 16:
-            return index
-    raise ValueError(
-        f"Backbone '{backbone_name}' has no reduction-16 feature (its feature reductions are {reductions}); "
-        f"SRN's attention branch needs one. Pass tap_index=... to choose another feature explicitly.")
+def tap_feature_index(feature_info: Sequence[Dict[str, Any]]) -> int:
+    """Index of the backbone feature whose reduction is closest to 16 (|reduction - 16|), ties going to the
+    deeper feature: layer3 / res4b22 for ResNets, the last block for ViT-B/16 and for patch-14 ViTs."""
+    distances = [abs(info['reduction'] - 16) for info in feature_info]
+    return max(range(len(distances)), key=lambda index: (-distances[index], index))
+
+
+def backbone_input_size(backbone: str) -> Tuple[int, int]:
+    """The input size of the backbone's pretrained config (default tag, or the given one)."""
+    cfg = get_pretrained_cfg(backbone) or get_pretrained_cfg(split_model_name_tag(backbone)[0])
+    return tuple(cfg.input_size[1:]) if cfg is not None else (224, 224)
+
+
+def _is_meta_limitation(error: Exception) -> bool:
+    """Errors from operations the meta device cannot run (data-dependent shapes), not from the input size."""
+    return isinstance(error, NotImplementedError) or 'meta' in str(error)
 
 
 class SRN(nn.Module):
@@ -160,7 +168,7 @@ class SRN(nn.Module):
             backbone: str = 'resnet101',
             num_classes: int = 80,
             in_chans: int = 3,
-            img_size: Union[int, Tuple[int, int]] = 224,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
             global_pool: Optional[str] = None,
             pretrained_backbone: bool = False,
             backbone_kwargs: Optional[Dict[str, Any]] = None,
@@ -181,11 +189,12 @@ class SRN(nn.Module):
             backbone: Any timm model name, optionally with a pretrained tag ('resnet101.a1h_in1k').
             num_classes: Number of labels C; 0 gives a feature extractor (pooled main-branch features).
             img_size: Configured input size; fixes the f_sr kernel to the tap's map size at this size.
+                Default: the backbone's pretrained input size. A size the backbone cannot run at is refused.
             global_pool: Backbone pooling type (None keeps the backbone's default).
             pretrained_backbone: Initialise only the backbone from timm's pretrained weights.
             backbone_kwargs: Extra arguments for `timm.create_model(backbone, ...)`.
             tap_index: Backbone feature (index into `feature_info`) feeding the attention branch;
-                default: the last feature with reduction 16. For ViTs every block qualifies.
+                default: the feature whose reduction is closest to 16, ties to the deeper (`tap_feature_index`).
             tap_norm: Apply the backbone's final norm to the tapped feature (ViT-style backbones).
             att_chs: Hidden channels of f_att (512 in the paper).
             sr_chs / sr_out_chs / sr_groups: f_sr widths (512 / 2048 / 512: 4 filters per group).
@@ -201,12 +210,10 @@ class SRN(nn.Module):
             backbone_kwargs['drop_path_rate'] = drop_path_rate
         if global_pool is not None:
             backbone_kwargs['global_pool'] = global_pool
-        self.backbone = timm.create_model(
-            backbone, pretrained=pretrained_backbone, num_classes=0, in_chans=in_chans, drop_rate=drop_rate,
-            **backbone_kwargs, **dd)
+        img_size = img_size or backbone_input_size(backbone)
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if hasattr(self.backbone, 'set_input_size'):
-            self.backbone.set_input_size(img_size=img_size)
+        backbone_kwargs.update(num_classes=0, in_chans=in_chans, drop_rate=drop_rate)
+        self.backbone = self._create_backbone(backbone, img_size, pretrained_backbone, **backbone_kwargs, **dd)
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -216,14 +223,12 @@ class SRN(nn.Module):
         self.tap_norm = tap_norm
         self.num_features = self.backbone.num_features
         self.head_hidden_size = self.backbone.head_hidden_size
-        self.num_prefix_tokens = getattr(self.backbone, 'num_prefix_tokens', 0)
 
         backbone_info = self.backbone.feature_info
-        self.tap_index = _reduction16_index(backbone_info, backbone) if tap_index is None else \
-            tap_index % len(backbone_info)
+        self.tap_index = tap_feature_index(backbone_info) if tap_index is None else tap_index % len(backbone_info)
         tap_info = backbone_info[self.tap_index]
         self.feature_info = [dict(info, module=f"backbone.{info['module']}") for info in backbone_info]
-        self.tap_map_size = tuple(math.ceil(s / tap_info['reduction']) for s in img_size)
+        self.tap_map_size = self._tap_map_size(backbone_kwargs)
 
         self.fc = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes else nn.Identity()
         self.attention = SpatialAttention(tap_info['num_chs'], num_classes, hidden_chs=att_chs, **dd)
@@ -231,6 +236,41 @@ class SRN(nn.Module):
             num_classes, self.tap_map_size, hidden_chs=sr_chs, out_chs=sr_out_chs, groups=sr_groups, **dd)
         self.stage: Optional[int] = None
         self._output_hooks: Dict[int, Callable[[SRNOutput], None]] = OrderedDict()
+
+    @staticmethod
+    def _create_backbone(backbone: str, img_size: Tuple[int, int], pretrained: bool, **kwargs) -> nn.Module:
+        """The timm backbone, set to `img_size` where it has a configurable input size (ViT, Swin, ...)."""
+        model = timm.create_model(backbone, pretrained=pretrained, **kwargs)
+        if hasattr(model, 'set_input_size'):
+            model.set_input_size(img_size=img_size)
+        return model
+
+    def _tap_map_size(self, backbone_kwargs: Dict[str, Any]) -> Tuple[int, int]:
+        """Size of the tapped map at `img_size`, from a forward of a weightless (meta device) copy of the backbone,
+        which also refuses sizes the backbone cannot run at with one clear error."""
+        param = next(self.backbone.parameters())
+        probe = self.backbone if param.device.type == 'meta' else self._create_backbone(
+            self.backbone_name, self.img_size, False, **backbone_kwargs, device='meta', dtype=param.dtype)
+        x = torch.empty(1, self.in_chans, *self.img_size, device='meta', dtype=param.dtype)
+        training = probe.training
+        try:
+            with torch.no_grad():
+                (tap,) = probe.eval().forward_intermediates(
+                    x, indices=[self.tap_index], output_fmt='NCHW', intermediates_only=True)
+        except Exception as e:  # noqa: BLE001 -- any failure inside the backbone means it cannot take this size
+            if _is_meta_limitation(e):  # e.g. Gemma-4 ViT: not computable without data; use the declared reduction
+                reduction = self.backbone.feature_info[self.tap_index]['reduction']
+                return tuple(math.ceil(size / reduction) for size in self.img_size)
+            accepted = backbone_input_size(self.backbone_name)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"Backbone '{self.backbone_name}' cannot run at img_size={self.img_size} ({type(e).__name__}: "
+                f"{first_line}). It runs at its pretrained input size {accepted} (the default); other sizes need a "
+                f"backbone with a configurable input size, or backbone_kwargs=dict(img_size=...) where the "
+                f"architecture takes one.") from None
+        finally:
+            probe.train(training)
+        return tuple(tap.shape[-2:])
 
     # --- timm model contract ---
 
@@ -315,16 +355,13 @@ class SRN(nn.Module):
         if not self.num_classes:
             raise RuntimeError('SRN branches need num_classes > 0; this model was reset to a feature extractor.')
         final, (tap,) = self.backbone.forward_intermediates(
-            x, indices=[self.tap_index], norm=self.tap_norm, output_fmt='NCHW', intermediates_only=False)
+            x, indices=[self.tap_index], norm=self.tap_norm, stop_early=False, output_fmt='NCHW',
+            intermediates_only=False)
         cls_logits = self.forward_head(final)
-        class_maps = class_activation_maps(
-            final,
-            lambda f: self.backbone.forward_head(f, pre_logits=True),
-            self.fc,
-            num_prefix_tokens=self.num_prefix_tokens,
-            grid_size=tuple(tap.shape[-2:]),
-        )
         att_logits, attention, confidence = self.attention(tap)
+        class_maps = class_activation_maps(self.backbone, final, tuple(x.shape[-2:]), self.forward_head)
+        if class_maps is None:  # final features without a spatial layout (CrossViT, EfficientViM, PiT)
+            class_maps = confidence
         sr_logits = self.regularizer(attention * confidence.sigmoid())
         logits = self.cls_weight * cls_logits + (1. - self.cls_weight) * sr_logits
         return SRNOutput(logits, cls_logits, att_logits, sr_logits, attention, confidence, class_maps)
@@ -423,17 +460,18 @@ def _check_srn_state_dict(state_dict: Dict[str, torch.Tensor], model: SRN) -> Di
     return state_dict
 
 
-def _backbone_cfg_overlay(backbone: str, img_size: Union[int, Tuple[int, int]]) -> Dict[str, Any]:
+def _backbone_cfg_overlay(backbone: str, img_size: Optional[Union[int, Tuple[int, int]]]) -> Dict[str, Any]:
     """pretrained_cfg entries that follow the chosen backbone (first conv, normalisation, input size)."""
     cfg = get_pretrained_cfg(backbone) or get_pretrained_cfg(split_model_name_tag(backbone)[0])
+    img_size = img_size or backbone_input_size(backbone)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     overlay = dict(input_size=(3, *size))
     if cfg is not None:
-        first_conv = cfg.first_conv if isinstance(cfg.first_conv, str) else cfg.first_conv[0]
+        first_conv = cfg.first_conv if isinstance(cfg.first_conv, str) or not cfg.first_conv else cfg.first_conv[0]
         # the backbone's final map scales with the input; token models (ViT) have none
         pool_size = None if cfg.pool_size is None else \
             tuple(math.ceil(p * s / i) for p, s, i in zip(cfg.pool_size, size, cfg.input_size[1:]))
-        overlay.update(first_conv=f'backbone.{first_conv}', mean=cfg.mean, std=cfg.std, pool_size=pool_size)
+        overlay.update(first_conv=f'backbone.{first_conv}' if first_conv else None, mean=cfg.mean, std=cfg.std, pool_size=pool_size)
     return overlay
 
 
@@ -467,7 +505,7 @@ def _create_srn(variant: str, pretrained: bool = False, **kwargs) -> SRN:
         backbone = timm.create_model(kwargs.get('backbone', 'resnet101'), device='meta')
         feature_cfg['out_indices'] = tuple(range(len(backbone.feature_info)))
     if variant == 'srn':
-        overlay = _backbone_cfg_overlay(kwargs.get('backbone', 'resnet101'), kwargs.get('img_size', 224))
+        overlay = _backbone_cfg_overlay(kwargs.get('backbone', 'resnet101'), kwargs.get('img_size'))
         overlay.update(kwargs.pop('pretrained_cfg_overlay', None) or {})
         kwargs['pretrained_cfg_overlay'] = overlay
     return build_model_with_cfg(
