@@ -4,7 +4,7 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score
 from timm.task import MultiLabelClassificationEvaluator
 
-from timm_srn.metrics import MultilabelMetricAccumulator, multilabel_metrics
+from timm_srn.metrics import METRIC_PRESETS, MultilabelMetricAccumulator, average_precision, multilabel_metrics
 
 
 def _random(n=64, c=6, seed=0):
@@ -97,3 +97,28 @@ def test_accumulator_across_two_gloo_ranks(tmp_path):
     expected = multilabel_metrics(scores, targets, top_k=3)
     for rank in (0, 1):
         assert torch.load(tmp_path / f'metrics.{rank}') == expected
+
+
+def test_srn_eps_rule_and_preset_by_hand():
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]])
+    probs = torch.tensor([[0.9, 0.2], [0.2, 0.1], [0.1, 0.4], [0.3, 0.3]])  # class 1: no prediction above 0.5
+    default = multilabel_metrics(probs, labels)
+    srn = multilabel_metrics(probs, labels, **METRIC_PRESETS['srn'])
+    # class 0: P 1, R 1/2; class 1: P 0 (default) or eps/eps = 1 (SRN's Matlab), R 0 (+ 2 eps)
+    assert default['CP'] == pytest.approx(50.) and srn['CP'] == pytest.approx(100.)
+    assert default['CR'] == pytest.approx(25.) and srn['CR'] == pytest.approx(25.)
+    assert default['CF1'] == pytest.approx(100 * (2 / 3) / 2) and srn['CF1'] == pytest.approx(100 * (2 / 3) / 2)
+    assert srn['OP'] == pytest.approx(100.) and srn['OR'] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="precision_rule must be one of"):
+        multilabel_metrics(probs, labels, precision_rule='nan')
+
+
+def test_voc_ap_ranks_ties_in_row_order():
+    # tied scores: the row order decides, as Matlab's stable sort: negative first -> precision 1/2 at full recall
+    tied = torch.full((40, 1), 0.5)
+    targets = torch.zeros(40, 1)
+    targets[-1] = 1
+    assert average_precision(tied, targets, ap='voc')[0].item() == pytest.approx(1 / 40)
+    targets = torch.zeros(40, 1)
+    targets[0] = 1
+    assert average_precision(tied, targets, ap='voc')[0].item() == pytest.approx(1.)

@@ -4,8 +4,11 @@ import torch
 import timm
 from PIL import Image
 
+from timm_srn.hub import export_for_hub
 from timm_srn.losses import HeatmapBuffer
-from timm_srn.viz import TILE, TITLE, main, overlay, save_buffer_overlays, save_model_overlays
+import pytest
+
+from timm_srn.viz import TILE, colourise, main, overlay, save_buffer_overlays, save_model_overlays
 
 
 def _image():
@@ -13,37 +16,66 @@ def _image():
     return Image.fromarray(rng.randint(0, 255, (120, 140, 3), dtype=np.uint8))
 
 
-def test_srn_grid_size_and_labels(tmp_path):
+def _colour_bar_present(path):
+    """The colour bar: a column running from the brightest to the darkest inferno colour."""
+    pixels = np.asarray(Image.open(path).convert('RGB'))
+    top, bottom = colourise(np.array([[1.]]))[0, 0], colourise(np.array([[0.]]))[0, 0]
+    return any((pixels[:, x] == top).all(-1).any() and (pixels[:, x] == bottom).all(-1).any()
+               for x in range(pixels.shape[1] - 80, pixels.shape[1]))
+
+
+def test_srn_rows_show_labels_maps_colour_bar_and_legend(tmp_path):
     model = timm.create_model('srn_test_resnet', num_classes=6)
-    path = save_model_overlays(model, _image(), tmp_path / 'srn.png', label_names=list('abcdef'), labels=[0, 3])
+    path = save_model_overlays(model, _image(), tmp_path / 'srn.png', label_names=list('abcdef'), labels=[0, 3],
+                               true_labels=[3])
     img = Image.open(path)
-    assert img.size == (4 * TILE, 2 * (TILE + TITLE))  # input, A, U, class map; two labels
-    rows = np.asarray(img)
-    row0, row1 = rows[TITLE:TITLE + TILE, TILE:], rows[2 * TITLE + TILE:, TILE:]
-    assert np.abs(row0.astype(int) - row1).mean() > 1  # different labels' maps give different overlays
+    width, height = img.size
+    assert width > 4 * TILE and 2 * TILE < height < 3 * TILE + 300  # label, A, U, class map; two rows + text
+    assert _colour_bar_present(path)
+    rows = np.asarray(img.convert('RGB')).astype(int)
+    # the two rows hold different maps: compare the attention tiles of both rows
+    first = rows[:, TILE + 16:2 * TILE].reshape(-1, 3)
+    assert len(np.unique(first, axis=0)) > 100
 
 
-def test_plain_model_grid_and_overlay_differs_between_maps(tmp_path):
+def test_plain_model_and_overlay_differs_between_maps(tmp_path):
     model = timm.create_model('test_resnet', num_classes=5)
     path = save_model_overlays(model, _image(), tmp_path / 'plain.png', top_k=3)
-    assert Image.open(path).size == (2 * TILE, 3 * (TILE + TITLE))
+    width, height = Image.open(path).size
+    assert 2 * TILE < width < 3 * TILE + 100 and height > 3 * TILE
     a = np.asarray(overlay(_image(), torch.arange(16.).view(4, 4)))
     b = np.asarray(overlay(_image(), torch.arange(16.).view(4, 4).T))
     assert a.shape == (TILE, TILE, 3) and np.abs(a.astype(int) - b).mean() > 1
+
+
+def test_overlay_uses_the_full_colour_map():
+    tile = np.asarray(overlay(_image(), torch.arange(16.).view(4, 4)))
+    # dark end and bright end of inferno both present, blended over a dimmed grey image
+    assert tile.min() < 40 and tile[..., 1].max() > 150
 
 
 def test_buffer_grid(tmp_path):
     buffer = HeatmapBuffer(3, 4, (4, 4), dtype=torch.float32)
     buffer.write(torch.tensor([1]), torch.randn(1, 4, 4, 4), torch.tensor([[0., 0., 1., 1.]]), torch.tensor([False]), 0.9)
     path = save_buffer_overlays(buffer, 1, _image(), tmp_path / 'buffer.png', top_k=2)
-    assert Image.open(path).size == (3 * TILE, TILE + TITLE)
+    width, height = Image.open(path).size
+    assert 3 * TILE < width < 4 * TILE + 100 and TILE < height < 2 * TILE
+    assert _colour_bar_present(path)
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line_labels_by_name_or_index(tmp_path, capsys):
     _image().save(tmp_path / 'in.jpg')
     main(['--model', 'srn_test_convnext', '--image', str(tmp_path / 'in.jpg'), '--out', str(tmp_path / 'out.png')])
-    assert Image.open(tmp_path / 'out.png').size == (4 * TILE, 3 * (TILE + TITLE))
     assert 'wrote' in capsys.readouterr().out
+    model = timm.create_model('srn_test_resnet', num_classes=3)
+    model.pretrained_cfg['label_names'] = ['cat', 'dog', 'kite']
+    export_for_hub(model, tmp_path / 'folder', 'ORG/NAME')  # label names travel in config.json
+    source = f'local-dir:{tmp_path / "folder"}'
+    main(['--model', source, '--image', str(tmp_path / 'in.jpg'), '--out', str(tmp_path / 'named.png'),
+          '--labels', 'kite', '0', '--true-labels', 'dog'])
+    assert Image.open(tmp_path / 'named.png').size[1] < Image.open(tmp_path / 'out.png').size[1]  # 2 rows, not 3
+    with pytest.raises(SystemExit, match="unknown label 'zebra'; label names: cat, dog, kite"):
+        main(['--model', source, '--image', str(tmp_path / 'in.jpg'), '--out', str(tmp_path / 'x.png'), '--labels', 'zebra'])
 
 
 def test_command_line_loads_the_weights_of_a_local_folder(tmp_path, monkeypatch):

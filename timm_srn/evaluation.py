@@ -1,14 +1,14 @@
 """Evaluation loop shared by training and validate.py: the same code gives the same numbers."""
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from timm.data import create_transform, resolve_data_config
 from tqdm import tqdm
 
-from .metrics import MultilabelMetricAccumulator
+from .metrics import MultilabelMetricAccumulator, multilabel_metrics
 
-__all__ = ['AMP_DTYPES', 'IndexedDataset', 'evaluate', 'eval_transform']
+__all__ = ['AMP_DTYPES', 'IndexedDataset', 'evaluate', 'eval_transform', 'predict']
 
 # --amp names of the scripts
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -37,7 +37,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
         model: nn.Module,
         loader: torch.utils.data.DataLoader,
         device: torch.device,
@@ -46,11 +46,12 @@ def evaluate(
         distributed: bool = False,
         channels_last: bool = False,
         progress: bool = True,
-        **metric_kwargs,
-) -> Dict[str, float]:
-    """Every metric of `timm_srn.metrics.multilabel_metrics` (top-3 included) over a loader of `IndexedDataset`."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities, targets, masks) of every sample of a loader of `IndexedDataset`: across ranks, one row per
+    dataset index, in dataset order. The model runs in eval mode and gets its mode back."""
+    was_training = model.training
     model.eval()
-    accumulator = MultilabelMetricAccumulator(top_k=metric_kwargs.pop('top_k', 3), **metric_kwargs)
+    accumulator = MultilabelMetricAccumulator()
     for images, targets, masks, index in tqdm(loader, desc='eval', leave=False, disable=not progress):
         images = images.to(device)
         if channels_last:
@@ -60,4 +61,14 @@ def evaluate(
             if tta_flip:
                 logits = (logits + model(images.flip(-1)).float()) / 2
         accumulator.update(logits.sigmoid(), targets, masks, index)
-    return accumulator.compute(distributed=distributed, device=device)
+    model.train(was_training)
+    return accumulator.gathered(distributed=distributed, device=device)
+
+
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, top_k: int = 3,
+             ap: str = 'noninterp', threshold: float = 0.5, precision_rule: str = 'zero', **predict_kwargs) -> Dict[str, float]:
+    """Every metric of `timm_srn.metrics.multilabel_metrics` (top-3 included) over a loader of `IndexedDataset`;
+    `predict_kwargs` go to `predict`."""
+    scores, targets, masks = predict(model, loader, device, **predict_kwargs)
+    return multilabel_metrics(scores, targets, threshold=threshold, top_k=top_k, ap=ap, mask=masks,
+                              precision_rule=precision_rule)

@@ -8,21 +8,34 @@
   `top_k_threshold=True`) also above the threshold.
 - Rule for classes without positives (among unmasked entries): excluded from every per-class mean
   (mAP, CP, CR, CF1), counted in `classes_without_positives`; they still count in OP / OR / OF1.
-  A class with positives but no predictions has precision 0.
+  A class with positives but no predictions has precision 0 (`precision_rule='zero'`, the default, as
+  sklearn's zero_division=0). `precision_rule='eps'` is SRN's Matlab code (tools/precision_recall_f1.m): eps
+  (2.2e-16) added to every count, so a class with no predictions gets precision 1 and recall gains eps.
+- AP ranks with a stable sort: tied scores keep their row order, as Matlab's sort does.
+- `METRIC_PRESETS['srn']`: SRN's evaluate.m (VOC-2012 AP, threshold 0.5, the eps rule). Remaining deviation:
+  classes without positives are excluded from the means (SRN's code would average a NaN AP).
 - `mask` (N, C) marks entries that count (False: VOC 'difficult' in ignore mode, padding).
 """
+import sys
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 from timm.task.evaluator import _average_precision, _gather_rows
 
-__all__ = ['multilabel_metrics', 'average_precision', 'MultilabelMetricAccumulator']
+__all__ = ['multilabel_metrics', 'average_precision', 'MultilabelMetricAccumulator', 'METRIC_PRESETS']
+
+PRECISION_RULES = ('zero', 'eps')
+MATLAB_EPS = sys.float_info.epsilon  # Matlab's eps
+METRIC_PRESETS = {
+    'default': dict(ap='noninterp', threshold=0.5, precision_rule='zero'),
+    'srn': dict(ap='voc', threshold=0.5, precision_rule='eps'),  # zhufengx/SRN_multilabel evaluate.m
+}
 
 
 def _voc_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """VOC-2012 AP of one class: area under the monotone precision envelope."""
-    order = scores.argsort(descending=True)
+    order = scores.argsort(descending=True, stable=True)  # ties in row order, as Matlab's sort
     hits = targets[order].double()
     tp = hits.cumsum(0)
     precision = tp / torch.arange(1, len(hits) + 1, dtype=torch.float64)
@@ -51,17 +64,24 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor, mask: Optiona
 
 
 def _threshold_metrics(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, has_pos: torch.Tensor,
-                       prefix: str = '') -> Dict[str, float]:
+                       prefix: str = '', precision_rule: str = 'zero') -> Dict[str, float]:
     tp = (pred & targets & mask).sum(0).double()
     predicted = (pred & mask).sum(0).double()
     truth = (targets & mask).sum(0).double()
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))[has_pos]
-    recall = (tp / truth.clamp(min=1))[has_pos]
+    if precision_rule == 'eps':  # SRN's precision_recall_f1.m: eps on every count (and on recall)
+        precision = (tp + MATLAB_EPS) / (predicted + MATLAB_EPS)
+        recall = (tp + MATLAB_EPS) / (truth + MATLAB_EPS) + MATLAB_EPS
+        precision, recall = precision[has_pos], recall[has_pos]
+        pooled_tp, pooled_predicted, pooled_truth = tp.sum() + MATLAB_EPS, predicted.sum() + MATLAB_EPS, truth.sum() + MATLAB_EPS
+        op, orr = (pooled_tp / pooled_predicted).item(), (pooled_tp / pooled_truth).item() + MATLAB_EPS
+    else:
+        precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))[has_pos]
+        recall = (tp / truth.clamp(min=1))[has_pos]
+        op = (tp.sum() / predicted.sum()).item() if predicted.sum() > 0 else 0.
+        orr = (tp.sum() / truth.sum()).item() if truth.sum() > 0 else 0.
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
                      torch.zeros_like(precision))
     cp, cr = precision.mean().item(), recall.mean().item()
-    op = (tp.sum() / predicted.sum()).item() if predicted.sum() > 0 else 0.
-    orr = (tp.sum() / truth.sum()).item() if truth.sum() > 0 else 0.
     return {
         f'{prefix}CP': 100 * cp,
         f'{prefix}CR': 100 * cr,
@@ -82,8 +102,11 @@ def multilabel_metrics(
         from_logits: bool = False,
         mask: Optional[torch.Tensor] = None,
         top_k_threshold: bool = True,
+        precision_rule: str = 'zero',
 ) -> Dict[str, float]:
     """All metrics for (N, C) probabilities (or logits with `from_logits=True`) and binary targets."""
+    if precision_rule not in PRECISION_RULES:
+        raise ValueError(f'precision_rule must be one of {PRECISION_RULES}, got {precision_rule!r}.')
     scores = torch.as_tensor(scores).detach().cpu().double()
     targets = torch.as_tensor(targets).detach().cpu() > 0.5
     if scores.shape != targets.shape or scores.ndim != 2:
@@ -94,13 +117,13 @@ def multilabel_metrics(
     has_pos = (targets & mask).any(0)
     per_class_ap = average_precision(scores, targets, mask, ap)
     metrics = {'mAP': 100 * per_class_ap[has_pos].mean().item() if has_pos.any() else 0.}
-    metrics.update(_threshold_metrics(scores > threshold, targets, mask, has_pos))
+    metrics.update(_threshold_metrics(scores > threshold, targets, mask, has_pos, precision_rule=precision_rule))
     if top_k:
         top = torch.zeros_like(targets)
         top.scatter_(1, scores.topk(min(top_k, scores.shape[1]), dim=1).indices, True)
         if top_k_threshold:
             top &= scores > threshold
-        metrics.update(_threshold_metrics(top, targets, mask, has_pos, prefix=f'top{top_k}_'))
+        metrics.update(_threshold_metrics(top, targets, mask, has_pos, f'top{top_k}_', precision_rule))
     metrics['classes_without_positives'] = int((~has_pos).sum())
     metrics['num_images'] = int(scores.shape[0])
     return metrics
@@ -133,6 +156,11 @@ class MultilabelMetricAccumulator:
             self.indices.append(index.detach().cpu().long())
 
     def compute(self, distributed: bool = False, device: Optional[torch.device] = None) -> Dict[str, float]:
+        scores, targets, masks = self.gathered(distributed, device)
+        return multilabel_metrics(scores, targets, mask=masks, **self.metric_kwargs)
+
+    def gathered(self, distributed: bool = False, device: Optional[torch.device] = None):
+        """(scores, targets, masks) of the whole set: across ranks, one row per dataset index, in dataset order."""
         scores, targets, masks = torch.cat(self.scores), torch.cat(self.targets), torch.cat(self.masks)
         index = torch.cat(self.indices) if self.indices else None
         if distributed and dist.is_initialized():
@@ -150,4 +178,4 @@ class MultilabelMetricAccumulator:
             scores, targets, masks = scores[first], targets[first], masks[first]
         elif self.max_samples is not None:
             scores, targets, masks = scores[:self.max_samples], targets[:self.max_samples], masks[:self.max_samples]
-        return multilabel_metrics(scores, targets, mask=masks, **self.metric_kwargs)
+        return scores, targets, masks

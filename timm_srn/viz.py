@@ -1,20 +1,21 @@
 """Attention and heatmap overlays written as PNG grids.
 
-- `save_model_overlays`: the input image, then per label (top-k by score, or chosen labels) the SRN
-  attention map A, the weighted map U = A * sigmoid(S) and the main-branch class map, each overlaid on
-  the image with a colour map and titled with the label name and probability. Non-SRN models: class maps.
+- `save_model_overlays`: a header with the ground-truth and predicted labels, then per label (top-k by
+  score, or chosen labels) the image with the label's probability, the SRN attention map A, the weighted
+  map U = A * sigmoid(S) and the main-branch class map (non-SRN models: class maps), each in the inferno
+  colour map over a dimmed grey copy of the image, with its value range, a colour bar and a legend.
 - `save_buffer_overlays`: the spatial consistency buffer's stored EMA heatmaps of one training sample.
 - CLI: `python -m timm_srn.viz --model NAME_OR_CHECKPOINT --image PATH --out PNG`.
 """
 import argparse
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .checkpoint import load_model
 from .evaluation import eval_transform
@@ -24,42 +25,92 @@ from .models.srn import SRN
 
 __all__ = ['colourise', 'overlay', 'save_model_overlays', 'save_buffer_overlays']
 
-TILE = 160
-TITLE = 14
-# viridis at 5 anchors: dark purple (low) -> yellow (high)
-_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
+TILE = 200
+PAD = 8
+FONT = ImageFont.load_default(size=15)
+SMALL = ImageFont.load_default(size=12)
+LINE = 19
+COLOUR_BAR = 18
+# inferno (perceptually uniform, dark -> bright) sampled at 9 even steps
+_ANCHORS = np.array([[0, 0, 4], [31, 12, 72], [85, 15, 109], [136, 34, 106], [186, 54, 85], [227, 89, 51],
+                     [249, 140, 10], [249, 201, 50], [252, 255, 164]], dtype=np.float32)
+MAP_LEGEND = {
+    'attention': 'attention A: softmax of f_att over positions (where the label is looked for)',
+    'weighted': 'weighted U = A * sigmoid(S): the confidence-weighted maps f_sr reads',
+    'class map': 'class map: the main classifier applied at every position of the final features',
+    'EMA': 'EMA: the heatmap stored for this sample by the spatial consistency loss',
+}
 
 
 def colourise(values: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] to (H, W, 3) uint8 colours."""
+    """(H, W) values in [0, 1] to (H, W, 3) uint8 colours of the inferno colour map."""
     position = np.clip(values, 0, 1) * (len(_ANCHORS) - 1)
     low = np.floor(position).astype(int).clip(0, len(_ANCHORS) - 2)
     frac = (position - low)[..., None]
     return (_ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac).astype(np.uint8)
 
 
-def overlay(image: Image.Image, heatmap: torch.Tensor, alpha: float = 0.5) -> Image.Image:
-    """A heatmap (h, w), min-max normalised and bilinearly resized, blended over the image."""
-    image = image.convert('RGB').resize((TILE, TILE))
+def overlay(image: Image.Image, heatmap: torch.Tensor, alpha: float = 0.7) -> Image.Image:
+    """A heatmap (h, w), min-max normalised and bilinearly resized, over a dimmed grey copy of the image (so the
+    colours stand out on textured scenes)."""
+    grey = ImageOps.grayscale(image.convert('RGB').resize((TILE, TILE))).point(lambda v: v // 2).convert('RGB')
     resized = F.interpolate(heatmap.float()[None, None], size=(TILE, TILE), mode='bilinear', align_corners=False)[0, 0]
     span = (resized.max() - resized.min()).clamp(min=1e-12)
     colours = colourise(((resized - resized.min()) / span).numpy())
-    return Image.blend(image, Image.fromarray(colours), alpha)
+    return Image.blend(grey, Image.fromarray(colours), alpha)
 
 
-def _grid(rows: List[List[Tuple[str, Image.Image]]], path: Union[str, Path]) -> Path:
-    columns = max(len(r) for r in rows)
-    canvas = Image.new('RGB', (columns * TILE, len(rows) * (TILE + TITLE)), 'white')
+class _Tile(NamedTuple):
+    image: Image.Image
+    caption: List[str]  # lines under the tile
+
+
+def _render(
+        header: List[str], columns: List[str], rows: List[List[_Tile]], legend: List[str], path: Union[str, Path],
+) -> Path:
+    """Header lines, titled columns of tiles with captions, a colour bar and the legend, as one PNG."""
+    caption_lines = max(len(tile.caption) for row in rows for tile in row)
+    row_height = TILE + caption_lines * LINE + PAD
+    width = len(columns) * (TILE + PAD) + PAD + 3 * COLOUR_BAR + 40
+    top = PAD + len(header) * LINE + LINE
+    height = top + len(rows) * row_height + len(legend) * LINE + PAD
+    canvas = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(header):
+        draw.text((PAD, PAD + i * LINE), line, fill='black', font=FONT)
+    for c, title in enumerate(columns):
+        draw.text((PAD + c * (TILE + PAD), top - LINE), title, fill='black', font=FONT)
     for r, row in enumerate(rows):
-        for c, (title, tile) in enumerate(row):
-            x, y = c * TILE, r * (TILE + TITLE)
-            draw.text((x + 2, y + 1), title[:28], fill='black')
-            canvas.paste(tile, (x, y + TITLE))
+        y = top + r * row_height
+        for c, tile in enumerate(row):
+            x = PAD + c * (TILE + PAD)
+            canvas.paste(tile.image, (x, y))
+            for i, line in enumerate(tile.caption):
+                draw.text((x, y + TILE + 2 + i * LINE), line, fill='black', font=SMALL if c else FONT)
+    bar_x, bar_top, bar_bottom = PAD + len(columns) * (TILE + PAD) + COLOUR_BAR, top, top + TILE
+    gradient = colourise(np.linspace(1, 0, bar_bottom - bar_top)[:, None].repeat(COLOUR_BAR, axis=1))
+    canvas.paste(Image.fromarray(gradient), (bar_x, bar_top))
+    draw.text((bar_x, bar_top - LINE), 'max', fill='black', font=SMALL)
+    draw.text((bar_x, bar_bottom + 2), 'min', fill='black', font=SMALL)
+    for i, line in enumerate(legend):
+        draw.text((PAD, top + len(rows) * row_height + i * LINE), line, fill='black', font=SMALL)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def _map_tile(image: Image.Image, heatmap: torch.Tensor) -> _Tile:
+    return _Tile(overlay(image, heatmap), [f'min {heatmap.min():.3g}  max {heatmap.max():.3g}'])
+
+
+def _legend(kinds: Sequence[str]) -> List[str]:
+    return [MAP_LEGEND[kind] for kind in kinds] + ['each map is scaled from its own min (dark) to max (bright); '
+                                                   'the numbers under it are the raw values']
+
+
+def _names(indices: Sequence[int], names: Sequence[str]) -> str:
+    return ', '.join(names[i] for i in indices) or 'none'
 
 
 def _input_tensor(model: nn.Module, image: Image.Image) -> torch.Tensor:
@@ -78,28 +129,36 @@ def save_model_overlays(
         label_names: Optional[Sequence[str]] = None,
         top_k: int = 3,
         labels: Optional[Sequence[int]] = None,
+        true_labels: Optional[Sequence[int]] = None,
+        threshold: float = 0.5,
 ) -> Path:
-    """Grid PNG of the model's maps for the top-k (or chosen) labels of `image`."""
+    """PNG of the model's maps for the top-k (or chosen) labels of `image`: a header with the ground-truth
+    (`true_labels`, when known) and predicted labels, a row per label, a colour bar and a legend."""
     was_training = model.training
     model.eval()
     x = _input_tensor(model, image)
     if isinstance(model, SRN):
         out = model.forward_branches(x)
         probs = out.logits[0].sigmoid().cpu()
-        maps = [('A', out.attention[0]), ('U', out.attention[0] * out.confidence[0].sigmoid()), ('cls', out.class_maps[0])]
+        maps = [('attention', out.attention[0]), ('weighted', out.attention[0] * out.confidence[0].sigmoid()),
+                ('class map', out.class_maps[0])]
     else:
         source = HeatmapSource(model)
         probs = model(x)[0].sigmoid().cpu()
-        maps = [('cls', source.latest()[0])]
+        maps = [('class map', source.latest()[0])]
         source.remove()
     model.train(was_training)
-    names = label_names or [str(i) for i in range(len(probs))]
+    names = list(label_names or [str(i) for i in range(len(probs))])
+    predicted = [i for i in probs.argsort(descending=True).tolist() if probs[i] >= threshold]
+    header = [f'ground truth: {_names(true_labels, names) if true_labels is not None else "not given"}',
+              f'predicted (p >= {threshold:g}): ' + (', '.join(f'{names[i]} {probs[i]:.2f}' for i in predicted) or 'none')]
     rows = []
     for label in _choose(probs, labels, top_k):
-        row = [(f'{names[label]} {probs[label]:.2f}', image.convert('RGB').resize((TILE, TILE)))]
-        row += [(kind, overlay(image, m[label].cpu())) for kind, m in maps]
+        verdict = [] if true_labels is None else ['in ground truth' if label in true_labels else 'not in ground truth']
+        row = [_Tile(image.convert('RGB').resize((TILE, TILE)), [f'{names[label]}  p={probs[label]:.2f}'] + verdict)]
+        row += [_map_tile(image, m[label].cpu()) for _, m in maps]
         rows.append(row)
-    return _grid(rows, path)
+    return _render(header, ['label'] + [kind for kind, _ in maps], rows, _legend([kind for kind, _ in maps]), path)
 
 
 def save_buffer_overlays(
@@ -111,7 +170,7 @@ def save_buffer_overlays(
         labels: Optional[Sequence[int]] = None,
         top_k: int = 3,
 ) -> Path:
-    """Grid PNG of the stored EMA heatmaps of training sample `index` next to its image."""
+    """PNG of the stored EMA heatmaps of training sample `index` next to its image, a colour bar and a legend."""
     full = torch.tensor([[0., 0., 1., 1.]], device=buffer.maps.device)
     maps, valid = buffer.read(torch.tensor([index], device=full.device), full,
                               torch.zeros(1, dtype=torch.bool, device=full.device), buffer.size)
@@ -119,9 +178,26 @@ def save_buffer_overlays(
     strength = torch.where(valid, maps, torch.full_like(maps, -float('inf'))).flatten(1).max(1).values
     names = label_names or [str(i) for i in range(buffer.num_classes)]
     chosen = list(labels) if labels is not None else strength.topk(min(top_k, buffer.num_classes)).indices.tolist()
-    row = [(f'sample {index}', image.convert('RGB').resize((TILE, TILE)))]
-    row += [(f'{names[c]} (EMA)', overlay(image, maps[c])) for c in chosen]
-    return _grid([row], path)
+    row = [_Tile(image.convert('RGB').resize((TILE, TILE)), [f'sample {index}'])]
+    row += [_map_tile(image, maps[c]) for c in chosen]
+    columns = ['image'] + [f'{names[c]} EMA' for c in chosen]
+    return _render([f'stored heatmaps of training sample {index}'], columns, [row], _legend(['EMA']), path)
+
+
+def _label_indices(values: Optional[Sequence[str]], names: Optional[Sequence[str]]) -> Optional[List[int]]:
+    """Labels given by name or index (`--labels dog 3`), with an error naming an unknown one."""
+    if values is None:
+        return None
+    indices = []
+    for value in values:
+        if value.isdigit():
+            indices.append(int(value))
+        elif names and value in names:
+            indices.append(list(names).index(value))
+        else:
+            known = ', '.join(names) if names else 'none: the model has no label_names, give indices'
+            raise SystemExit(f"unknown label '{value}'; label names: {known}")
+    return indices
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -131,12 +207,16 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help='load the pretrained weights of a registered name (local-dir: / hf-hub: sources always load theirs)')
     parser.add_argument('--image', required=True)
     parser.add_argument('--out', required=True)
-    parser.add_argument('--top-k', type=int, default=3)
-    parser.add_argument('--labels', type=int, nargs='*', default=None, help='class indices instead of the top-k')
+    parser.add_argument('--top-k', type=int, default=3, help='labels to show, by score')
+    parser.add_argument('--labels', nargs='*', default=None,
+                        help='labels to show instead of the top-k, by name (as in label_names) or index')
+    parser.add_argument('--true-labels', nargs='*', default=None,
+                        help='the image\'s ground-truth labels (names or indices), shown in the header')
     args = parser.parse_args(argv)
     model = load_model(args.model, args.pretrained)
     names = model.pretrained_cfg.get('label_names') if hasattr(model, 'pretrained_cfg') else None
-    path = save_model_overlays(model, Image.open(args.image), args.out, names, args.top_k, args.labels)
+    path = save_model_overlays(model, Image.open(args.image), args.out, names, args.top_k,
+                               _label_indices(args.labels, names), _label_indices(args.true_labels, names))
     print(f'wrote {path}')
 
 

@@ -12,6 +12,7 @@ Distributed: `torchrun --nproc_per_node N train_scripts/train.py ...` (nccl on G
 import argparse
 import datetime
 import functools
+import inspect
 import json
 import logging
 import math
@@ -47,15 +48,14 @@ from timm_srn.checkpoint import (
 from timm_srn.data import (
     DATASET_NAMES, PackedTargetDataset, create_dataset, find_unreadable, load_observed_labels, protocol_split,
     save_observed_labels)
-from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform
-from timm_srn.losses import SRNStageLoss, create_single_positive_loss
+from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform, predict
+from timm_srn.losses import SINGLE_POSITIVE_LOSSES, SRNStageLoss, create_single_positive_loss, loss_options
 from timm_srn.task import load_criterion_state
 
 _logger = logging.getLogger('train')
 
-SINGLE_POSITIVE_LOSSES = (
-    'an', 'an-ls', 'wan', 'epr', 'role', 'll-r', 'll-ct', 'll-cp', 'em', 'em-apl', 'consistency', 'en', 'spatial')
-LOSSES = MULTI_LABEL_LOSS_TYPES + SINGLE_POSITIVE_LOSSES
+LOSSES = MULTI_LABEL_LOSS_TYPES + tuple(SINGLE_POSITIVE_LOSSES)
+TIMM_LOSS_SHARED_OPTIONS = ('smoothing', 'class_weight', 'pos_weight')
 TRAINED_CFG_KEYS = ('label_names', 'input_size', 'tag')  # pretrained_cfg entries set by training, kept in checkpoints
 BENCHMARK_NAMES = {'voc2007': 'voc', 'voc2012': 'voc'}  # expected-positive counts (EPR / ROLE) by benchmark
 METRIC_COLUMNS = ('mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1')
@@ -74,11 +74,31 @@ def _kv(text: str) -> Dict[str, Any]:
     return {key: yaml.safe_load(value)}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and shows every option's default."""
+
+
+def loss_help(name: str, dataset: str) -> str:
+    """The --loss-kwargs that loss `name` accepts, with their defaults (what --help-loss prints)."""
+    if name in SINGLE_POSITIVE_LOSSES:
+        options = loss_options(name, BENCHMARK_NAMES.get(dataset, dataset))
+        source = f'timm_srn {SINGLE_POSITIVE_LOSSES[name][0]}'
+    else:
+        parameters = inspect.signature(create_classification_loss).parameters
+        options = {key: parameter.default for key, parameter in parameters.items()
+                   if key.startswith(f'{name}_') or key in TIMM_LOSS_SHARED_OPTIONS}
+        source = 'timm.loss.create_classification_loss'
+    lines = [f"--loss {name} ({source}) accepts --loss-kwargs:"]
+    lines += [f'  {key}={value!r}' for key, value in options.items()] or ['  (none)']
+    return '\n'.join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--config', default='', help='YAML file of argument defaults (keys as the long options)')
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='synthetic', choices=DATASET_NAMES)
+    g.add_argument('--dataset', default='synthetic', choices=DATASET_NAMES,
+                   help='synthetic is generated on first use; the others read the official files under --data-dir')
     g.add_argument('--data-dir', default=None, help='dataset root (synthetic: generated here, default data/synthetic)')
     g.add_argument('--max-train-images', type=int, default=None, help='use only the first N training images')
     g.add_argument('--max-val-images', type=int, default=None, help='use only the first N validation images')
@@ -86,47 +106,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help='decode every image up front and drop those that fail (counted in the log)')
     g.add_argument('--check-images', action='store_true',
                    help='decode every image up front and stop with the list of unreadable files')
-    g.add_argument('--workers', type=int, default=2)
+    g.add_argument('--workers', type=int, default=2, help='data loader worker processes')
     g.add_argument('--scale', type=float, nargs=2, default=(0.3, 1.0), help='RandomResizedCrop scale range')
-    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (training)')
     g = p.add_argument_group('model')
     g.add_argument('--model', default='srn_test_resnet', help='any registered model (srn_* or any timm model)')
     g.add_argument('--model-kwargs', nargs='*', default=[], type=_kv, help='extra create_model args, key=value')
-    g.add_argument('--pretrained', action='store_true')
+    g.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights (timm / Hub)')
     g.add_argument('--pretrained-backbone', action='store_true', help='SRN: timm pretrained weights for the backbone')
     g.add_argument('--num-classes', type=int, default=None, help='must match the dataset when given')
-    g.add_argument('--img-size', type=int, default=128)
-    g.add_argument('--srn-stage', default=None, choices=('1', '2', '3', '4', 'all'))
-    g.add_argument('--stage4-loss', default='paper', choices=('paper', 'released'))
+    g.add_argument('--img-size', type=int, default=128, help='training and evaluation input size (square)')
+    g.add_argument('--srn-stage', default=None, choices=('1', '2', '3', '4', 'all'),
+                   help="SRN's training stage (1 backbone + f_cls, 2 f_att, 3 f_sr, 4 all); 'all' runs 1-4 in turn")
+    g.add_argument('--stage4-loss', default='paper', choices=('paper', 'released'),
+                   help='stage 4 terms: paper BCE(y)+BCE(y_att); released BCE(y_cls)+BCE(y_att)+BCE(y_sr)')
     g = p.add_argument_group('loss')
-    g.add_argument('--loss', default='bce', choices=LOSSES,
-                   help='full labels: timm multi-label losses; single positive: ' + ', '.join(SINGLE_POSITIVE_LOSSES))
-    g.add_argument('--loss-kwargs', nargs='*', default=[], type=_kv, help='criterion options, key=value')
-    g.add_argument('--mixup', type=float, default=0.)
-    g.add_argument('--cutmix', type=float, default=0.)
+    g.add_argument('--loss', default='bce', choices=LOSSES, metavar='NAME',
+                   help='full labels (timm): ' + ', '.join(MULTI_LABEL_LOSS_TYPES) +
+                        '; single positive (observed labels drawn per image): ' + ', '.join(SINGLE_POSITIVE_LOSSES))
+    g.add_argument('--loss-kwargs', nargs='*', default=[], type=_kv,
+                   help='criterion options, key=value; --help-loss NAME lists those of a loss')
+    g.add_argument('--help-loss', default=None, metavar='NAME', help='print the --loss-kwargs of loss NAME and exit')
+    g.add_argument('--mixup', type=float, default=0., help='mixup alpha (full-label losses only)')
+    g.add_argument('--cutmix', type=float, default=0., help='cutmix alpha (full-label losses only)')
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=8, help='epochs (per stage with --srn-stage all)')
-    g.add_argument('--batch-size', type=int, default=32)
-    g.add_argument('--opt', default='adamw')
-    g.add_argument('--lr', type=float, default=2e-3)
-    g.add_argument('--weight-decay', type=float, default=0.05)
-    g.add_argument('--sched', default='cosine')
-    g.add_argument('--warmup-epochs', type=int, default=1)
-    g.add_argument('--grad-accum-steps', type=int, default=1)
-    g.add_argument('--model-ema', action='store_true')
-    g.add_argument('--model-ema-decay', type=float, default=0.998)
+    g.add_argument('--batch-size', type=int, default=32, help='per process')
+    g.add_argument('--opt', default='adamw', help='any timm optimizer name (timm.optim.create_optimizer_v2)')
+    g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
+    g.add_argument('--sched', default='cosine', help='any timm scheduler name (timm.scheduler.create_scheduler_v2)')
+    g.add_argument('--warmup-epochs', type=int, default=1, help='learning-rate warm-up epochs')
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='batches per optimizer step')
+    g.add_argument('--model-ema', action='store_true', help='also keep and evaluate an EMA of the weights')
+    g.add_argument('--model-ema-decay', type=float, default=0.998, help='decay of --model-ema')
     g.add_argument('--amp', default=None, choices=tuple(AMP_DTYPES), help='mixed precision (autocast) dtype')
-    g.add_argument('--channels-last', action='store_true')
+    g.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     g.add_argument('--torchcompile', default=None, help='torch.compile backend, e.g. inductor')
     g = p.add_argument_group('run')
     g.add_argument('--output', default='output/train', help='folder for checkpoints, logs, metrics and PNGs')
     g.add_argument('--resume', default='', help='checkpoint to continue from (last.pth.tar)')
     g.add_argument('--stop-after-epochs', type=int, default=None, help='stop after this many epochs of this run')
-    g.add_argument('--seed', type=int, default=42)
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--seed', type=int, default=42, help='seed of the model init, data order and augmentation')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     g.add_argument('--dist-timeout', type=float, default=1800.,
                    help='seconds a distributed collective may wait for a stalled rank before the run stops')
-    g.add_argument('--no-progress', action='store_true')
+    g.add_argument('--no-progress', action='store_true', help='no tqdm progress bars')
     g.add_argument('--num-viz', type=int, default=4, help='validation images to visualise at the end')
     return p
 
@@ -138,6 +163,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         with open(config.config) as f:
             parser.set_defaults(**{k.replace('-', '_'): v for k, v in yaml.safe_load(f).items()})
     args = parser.parse_args(argv)
+    if args.help_loss:
+        if args.help_loss not in LOSSES:
+            parser.error(f"--help-loss: unknown loss '{args.help_loss}'; choose from {', '.join(LOSSES)}")
+        print(loss_help(args.help_loss, args.dataset))
+        sys.exit(0)
     args.model_kwargs = {k: v for d in args.model_kwargs for k, v in d.items()}
     args.loss_kwargs = {k: v for d in args.loss_kwargs for k, v in d.items()}
     args.command = ' '.join(['python train_scripts/train.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
@@ -198,9 +228,11 @@ def _build_criterion(args, model, num_samples: int, num_classes: int, stage: Opt
     if args.loss in SINGLE_POSITIVE_LOSSES:
         if args.mixup or args.cutmix:
             raise SetupError(f"loss '{args.loss}' needs per-sample hard labels; mixup/cutmix mix samples")
-        criterion = create_single_positive_loss(
-            args.loss, num_samples, num_classes, dataset=BENCHMARK_NAMES.get(args.dataset, args.dataset),
-            **args.loss_kwargs)
+        dataset = BENCHMARK_NAMES.get(args.dataset, args.dataset)
+        kwargs = dict(args.loss_kwargs)
+        if 'num_epochs' in loss_options(args.loss, dataset):  # EM+APL spreads its pseudo-labels over the run
+            kwargs.setdefault('num_epochs', args.epochs)
+        criterion = create_single_positive_loss(args.loss, num_samples, num_classes, dataset=dataset, **kwargs)
         criterion = criterion.to(args.device_obj)
         if hasattr(criterion, 'attach'):
             criterion.attach(model)
@@ -468,7 +500,9 @@ def run(args) -> Dict[str, Any]:
             build_criterion(args, model, len(train_data), num_classes, stage)
         optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
         if isinstance(criterion, nn.Module) and any(p.requires_grad for p in criterion.parameters()):
-            optimizer.add_param_group(dict(params=list(criterion.parameters()), weight_decay=0.))
+            # ROLE's label estimates train at their own multiple of the learning rate (Cole et al.: 10x)
+            lr = args.lr * getattr(criterion, 'lr_multiplier', 1.)
+            optimizer.add_param_group(dict(params=list(criterion.parameters()), lr=lr, weight_decay=0.))
         probe_loader = make_loader(train_data, args, train=True)
         updates_per_epoch = math.ceil(len(probe_loader) / args.grad_accum_steps)
         scheduler, num_epochs = create_scheduler_v2(
@@ -497,6 +531,8 @@ def run(args) -> Dict[str, Any]:
             loader = make_loader(train_data, args, train=True, epoch=epoch)
             train_loss, step, throughput = train_one_epoch(
                 args, train_model, loader, criterion, optimizer, scheduler, ema, epoch, step, mixup_fn, scaler, stage)
+            if getattr(criterion, 'pseudo_labels_due', None) and criterion.pseudo_labels_due(epoch):
+                add_pseudo_labels(args, model, criterion, train_set, observed, eval_transform, amp_dtype)
             last_eval = _evaluate(model, val_loader)
             record = dict(epoch=epoch, stage=stage, train_loss=train_loss, lr=optimizer.param_groups[0]['lr'],
                           img_per_s=throughput, eval=last_eval)
@@ -524,12 +560,28 @@ def run(args) -> Dict[str, Any]:
         summary['test'] = _evaluate(model, make_loader(IndexedDataset(test_set), args, train=False))
     if _is_primary(args):
         write_text_atomic(output / 'summary.json', json.dumps(summary, indent=2))
-        print_table([json.loads(line) for line in metrics_file.read_text().splitlines()], summary)  # resumed runs too
+        table = metrics_table([json.loads(line) for line in metrics_file.read_text().splitlines()], summary)
+        print(table)  # resumed runs too
+        write_text_atomic(output / 'metrics_table.txt', table + '\n')
         write_visualisations(args, model, val_set, output)
     return dict(history=history, last_eval=last_eval, summary=summary, stopped=False)
 
 
-def print_table(history: List[Dict[str, Any]], summary: Dict[str, Any]) -> None:
+def add_pseudo_labels(args, model, criterion, train_set, observed, transform, amp_dtype) -> None:
+    """EM+APL: the model's probabilities on every training image (evaluation transform) give the criterion this
+    epoch's pseudo-labels; gathered over ranks, so every rank adds the same ones."""
+    view = train_set.subset(range(len(train_set)))
+    view.transform = transform
+    probs, _, _ = predict(model, make_loader(IndexedDataset(view), args, train=False), args.device_obj,
+                          amp_dtype=amp_dtype, distributed=args.distributed, channels_last=args.channels_last,
+                          progress=not args.no_progress and _is_primary(args))
+    added = criterion.pseudo_label(probs, torch.from_numpy(np.asarray(observed)))
+    if _is_primary(args):
+        _logger.info(f'APL: {added} new pseudo-labelled negatives ({int(criterion.pseudo_labelled.sum())} in all)')
+
+
+def metrics_table(history: List[Dict[str, Any]], summary: Dict[str, Any]) -> str:
+    """Every evaluation of the run (and the test split) as a fixed-width table."""
     header = f"{'epoch':>6} {'stage':>5} " + ' '.join(f'{c:>12}' for c in METRIC_COLUMNS)
     lines = [header, '-' * len(header)]
     for record in history:
@@ -538,7 +590,7 @@ def print_table(history: List[Dict[str, Any]], summary: Dict[str, Any]) -> None:
                      ' '.join(f"{record['eval'][c]:12.2f}" for c in METRIC_COLUMNS))
     if 'test' in summary:
         lines.append(f"{'test':>6} {'-':>5} " + ' '.join(f"{summary['test'][c]:12.2f}" for c in METRIC_COLUMNS))
-    print('\n'.join(lines))
+    return '\n'.join(lines)
 
 
 def write_visualisations(args, model, dataset, output: Path) -> None:
@@ -546,7 +598,9 @@ def write_visualisations(args, model, dataset, output: Path) -> None:
     from timm_srn.viz import save_model_overlays
     for index in range(min(args.num_viz, len(dataset))):
         image = dataset.load_image(index)
-        save_model_overlays(model, image, output / f'viz_val_{index}.png', label_names=dataset.label_names)
+        true_labels = np.flatnonzero(dataset.targets[index] > 0).tolist()
+        save_model_overlays(model, image, output / f'viz_val_{index}.png', label_names=dataset.label_names,
+                            true_labels=true_labels)
     if args.num_viz and _is_primary(args):
         _logger.info(f'wrote {min(args.num_viz, len(dataset))} visualisations to {output}')
 

@@ -20,6 +20,7 @@ import timm_srn
 from timm_srn.checkpoint import load_model
 from timm_srn.data import DATASET_NAMES, create_dataset
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, eval_transform, evaluate
+from timm_srn.metrics import METRIC_PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-images', type=int, default=None, help='evaluate only the first N images')
     p.add_argument('--img-size', type=int, default=None, help="resolution (default: the model's trained input size)")
     p.add_argument('--tta-flip', action='store_true', help='average the logits of the image and its mirror')
-    p.add_argument('--ap', default='noninterp', choices=('noninterp', 'voc'))
+    p.add_argument('--metrics', default='default', choices=tuple(METRIC_PRESETS),
+                   help="metric definitions: 'default' (exact AP, precision 0 without predictions) or 'srn' "
+                        "(SRN's evaluate.m: VOC-2012 AP and its eps rule)")
+    p.add_argument('--ap', default=None, choices=('noninterp', 'voc'), help='AP definition (overrides --metrics)')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--amp', default=None, choices=tuple(AMP_DTYPES))
@@ -61,7 +65,8 @@ def run(args) -> Dict[str, Any]:
     dataset.transform = eval_transform(model, args.img_size)
     loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=args.batch_size, num_workers=args.workers)
     amp_dtype = AMP_DTYPES.get(args.amp)
-    metrics = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, tta_flip=args.tta_flip, ap=args.ap)
+    metrics = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, tta_flip=args.tta_flip,
+                       **dict(METRIC_PRESETS[args.metrics], **({'ap': args.ap} if args.ap else {})))
     settings = {k: v for k, v in vars(args).items() if k not in ('output',)}
     settings.update(img_size=args.img_size or model.pretrained_cfg['input_size'][-1], timm_srn_version=timm_srn.__version__,
                     timm_version=timm.__version__, num_classes=model.num_classes)

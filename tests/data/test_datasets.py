@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from timm_srn.data import (
-    VOC_LABEL_NAMES, CocoDataset, CsvDataset, NpyDataset, RealDataset, VocDataset, generate_synthetic_coco,
-    load_observed_labels, sample_single_positive, save_observed_labels, split_train_val)
+    VOC_LABEL_NAMES, CocoDataset, CsvDataset, MultiLabelDataset, NpyDataset, RealDataset, VocDataset,
+    generate_synthetic_coco, load_observed_labels, protocol_split, sample_single_positive, save_observed_labels,
+    split_train_val)
 from timm_srn.data.synthetic import CATEGORY_IDS, SYNTHETIC_LABEL_NAMES
 
 
@@ -38,8 +39,22 @@ def test_coco_keeps_or_drops_unannotated(tmp_path):
                categories=[dict(id=90, name='toothbrush'), dict(id=1, name='person')])
     (tmp_path / 'ann.json').write_text(json.dumps(ann))
     ds = CocoDataset(tmp_path / 'img', tmp_path / 'ann.json')
-    assert len(ds) == 1 and ds.label_names == ['person', 'toothbrush'] and ds.targets.tolist() == [[0., 1.]]
+    # columns in the file's category order, as the benchmark's format_coco.py
+    assert len(ds) == 1 and ds.label_names == ['toothbrush', 'person'] and ds.targets.tolist() == [[1., 0.]]
     assert len(CocoDataset(tmp_path / 'img', tmp_path / 'ann.json', keep_unannotated=True)) == 2
+
+
+def test_coco_rows_in_the_benchmark_order(tmp_path):
+    ids = (9, 10, 100, 2)
+    for i in ids:
+        _image(tmp_path / 'img' / f'{i}.jpg')
+    ann = dict(images=[dict(id=i, file_name=f'{i}.jpg', width=20, height=16) for i in ids],
+               annotations=[dict(id=n, image_id=i, category_id=1, bbox=[0, 0, 2, 2], area=4, iscrowd=0)
+                            for n, i in enumerate(ids, 1)],
+               categories=[dict(id=1, name='person')])
+    (tmp_path / 'ann.json').write_text(json.dumps(ann))
+    ds = CocoDataset(tmp_path / 'img', tmp_path / 'ann.json')
+    assert [p.stem for p in ds.samples] == ['10', '100', '2', '9']  # image ids compared as text
     with pytest.raises(FileNotFoundError, match='COCO annotation file not found'):
         CocoDataset(tmp_path / 'img', tmp_path / 'missing.json')
 
@@ -60,6 +75,21 @@ def test_voc_difficult_modes(tmp_path, difficult, plane_2, mask_2):
     ds = VocDataset(tmp_path, 'val', difficult=difficult)
     assert ds.targets[0, 0] == 1 and ds.targets[1, 0] == plane_2 and ds.mask[1, 0] == mask_2
     assert ds.targets[1, VOC_LABEL_NAMES.index('dog')] == 1
+
+
+def test_voc2012_benchmark_rows_keep_images_with_a_positive_in_id_order(tmp_path):
+    main = tmp_path / 'ImageSets' / 'Main'
+    main.mkdir(parents=True)
+    rows = {'000003': '1', '000001': '0', '000002': '-1'}  # 000001: difficult only; 000002: no object of any class
+    for name in VOC_LABEL_NAMES:
+        text = ''.join(f'{i} {v if name == "cat" else "-1"}\n' for i, v in rows.items())
+        (main / f'{name}_train.txt').write_text(text)
+    for i in rows:
+        _image(tmp_path / 'JPEGImages' / f'{i}.jpg')
+    everything = VocDataset(tmp_path, 'train')
+    assert [p.stem for p in everything.samples] == ['000001', '000002', '000003']
+    benchmark = VocDataset(tmp_path, 'train', keep_without_positive=False)  # what create_dataset('voc2012') uses
+    assert [p.stem for p in benchmark.samples] == ['000003']
 
 
 def test_voc_bad_line_names_file(tmp_path):
@@ -109,17 +139,55 @@ def test_missing_and_unreadable_images(tmp_path):
         CsvDataset(tmp_path / 'nope', tmp_path / 'labels.csv')
 
 
-def test_single_positive_protocol(tmp_path):
+def _reference_observed(labels, seed):
+    """The benchmark generator's rule, written out plainly: per row, shuffle the positive indices and observe the
+    first, then shuffle the negative indices (observing none), all from one RandomState."""
+    rng = np.random.RandomState(seed)
+    picks = []
+    for row in labels:
+        positives, negatives = np.where(row == 1)[0], np.where(row != 1)[0]
+        rng.shuffle(positives)
+        rng.shuffle(negatives)
+        picks.append(int(positives[0]) if len(positives) else None)
+    return picks
+
+
+def test_single_positive_protocol_equals_the_reference_generator(tmp_path):
+    labels = np.array([[1, 1, 0, 1], [0, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    result = sample_single_positive(labels, seed=1200)
+    assert [np.flatnonzero(row).tolist() for row in result.labels] == [[0], [], [1], [0], [0]]
+    assert result.num_without_positive == 1 and np.all(result.labels <= labels)
+    rng = np.random.RandomState(0)
+    for seed in (1200, 1, 7):
+        random_labels = (rng.rand(300, 20) < 0.15).astype(np.float32)
+        picks = [int(np.flatnonzero(row)[0]) if row.any() else None
+                 for row in sample_single_positive(random_labels, seed=seed).labels]
+        assert picks == _reference_observed(random_labels, seed)  # pick by pick
+        # the negatives' shuffles matter: drawing positives alone gives other picks
+        alone, draw = np.random.RandomState(seed), []
+        for row in random_labels:
+            positives = np.where(row == 1)[0]
+            alone.shuffle(positives)
+            draw.append(int(positives[0]) if len(positives) else None)
+        assert draw != picks
+    # split: head of the permutation is train, tail is val (RandomState(1200).permutation(10) = 9 4 6 1 8 5 2 0 7 3)
+    train, val = split_train_val(10)
+    assert train.tolist() == [0, 1, 2, 4, 5, 6, 8, 9] and val.tolist() == [3, 7]
+
+
+def test_protocol_draws_over_the_whole_train_set_before_the_split(tmp_path):
+    labels = (np.random.RandomState(3).rand(50, 6) < 0.3).astype(np.float32)
+    base = MultiLabelDataset([tmp_path / f'{i}.jpg' for i in range(50)], labels, list('abcdef'))
+    train, val, observed, missing = protocol_split(base)
+    train_idx, val_idx = split_train_val(50)
+    assert np.array_equal(observed, sample_single_positive(labels).labels[train_idx])
+    assert np.array_equal(train.targets, labels[train_idx]) and np.array_equal(val.targets, labels[val_idx])
+    assert missing == int((labels[train_idx].sum(1) == 0).sum())
+
+
+def test_observed_label_files(tmp_path):
     labels = np.array([[1, 1, 0], [0, 0, 0], [0, 1, 1], [1, 0, 0]])
     result = sample_single_positive(labels, seed=1200)
-    rng = np.random.RandomState(1200)
-    expected = [rng.choice([0, 1]), None, rng.choice([1, 2]), rng.choice([0])]
-    for row, choice in zip(result.labels, expected):
-        assert row.sum() == (0 if choice is None else 1) and (choice is None or row[choice] == 1)
-    assert result.num_without_positive == 1
-    assert np.all(result.labels <= labels)
-    train, val = split_train_val(10)
-    assert len(val) == 2 and len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 10
     save_observed_labels(tmp_path / 'obs.npy', result.labels)
     assert np.array_equal(load_observed_labels(tmp_path / 'obs.npy', labels), result.labels)
     with pytest.raises(ValueError, match=r'expected \(5, 3\)'):

@@ -52,7 +52,7 @@ def _csv(root):
 
 
 @pytest.mark.parametrize('name,build,splits,expected', [
-    ('coco', _coco, ('train', 'val'), [0., 1.]),
+    ('coco', _coco, ('train', 'val'), [1., 0.]),  # the file's category order: car, person
     ('voc2007', lambda r: _voc(r, 2007, ('trainval', 'test')), ('train', 'val'), [float(n == 'cat') for n in VOC_LABEL_NAMES]),
     ('voc2012', lambda r: _voc(r, 2012, ('train', 'val')), ('train', 'val'), [float(n == 'cat') for n in VOC_LABEL_NAMES]),
     ('nuswide', _npy, ('train', 'val'), [0., 1., 1.]),

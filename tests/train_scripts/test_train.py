@@ -27,10 +27,17 @@ def test_two_epochs_improve_map_and_validate_reproduces_it(synthetic_dir, tmp_pa
     lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
     assert [json.loads(l)['epoch'] for l in lines] == [-1, 0, 1]
     assert (tmp_path / 'best.pth.tar').exists() and (tmp_path / 'viz_val_0.png').exists()
+    table = (tmp_path / 'metrics_table.txt').read_text().splitlines()
+    assert table[0].split()[:3] == ['epoch', 'stage', 'mAP'] and len(table) == 2 + 3
+    assert float(table[-1].split()[2]) == pytest.approx(result['last_eval']['mAP'], abs=0.005)
     out = tmp_path / 'validate.json'
     validated = validate_script.main(['--checkpoint', str(tmp_path / 'last.pth.tar'), '--data-dir', str(synthetic_dir),
                                       '--max-images', '64', '--workers', '0', '--output', str(out)])
     assert validated['metrics'] == result['last_eval']
+    srn = validate_script.main(['--checkpoint', str(tmp_path / 'last.pth.tar'), '--data-dir', str(synthetic_dir),
+                                '--max-images', '64', '--workers', '0', '--output', str(tmp_path / 'srn.json'),
+                                '--metrics', 'srn'])
+    assert srn['metrics']['CP'] >= validated['metrics']['CP'] and srn['settings']['metrics'] == 'srn'
     assert json.loads(out.read_text())['metrics'] == result['last_eval']
     assert set(validated['metrics']) >= {'mAP', 'CP', 'CR', 'CF1', 'CF1_harmonic', 'OP', 'OR', 'OF1', 'top3_CF1', 'top3_OF1'}
     flipped = validate_script.main(['--checkpoint', str(tmp_path / 'last.pth.tar'), '--data-dir', str(synthetic_dir),
@@ -70,6 +77,18 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(synthetic_dir, tmp_pat
     assert full['criterion']['heatmaps.seen'].any()
 
 
+def test_em_apl_pseudo_labels_after_each_epoch_from_warm_up(synthetic_dir, tmp_path, train_script):
+    extra = ['--epochs', '3', '--loss', 'em-apl', '--loss-kwargs', 'warmup_epochs=2', '--num-viz', '0']
+    train_script.main(_args(synthetic_dir, tmp_path, *extra))
+    state = load_checkpoint_file(tmp_path / 'last.pth.tar')['criterion']
+    observed = torch.from_numpy(__import__('numpy').load(tmp_path / 'observed_labels.npy')) > 0.5
+    unobserved = (~observed).sum(0)
+    # after epochs 2 and 3 (1-based): int(0.9 * U_c / (3 - 2)) per class each time, capped by what is left
+    per_epoch = (0.9 * unobserved.double()).long()
+    assert torch.equal(state['pseudo_labelled'].sum(0), torch.minimum(2 * per_epoch, unobserved))
+    assert not (state['pseudo_labelled'] & observed).any()
+
+
 def test_srn_stages_all_run_in_sequence(synthetic_dir, tmp_path, train_script):
     result = train_script.main(_args(synthetic_dir, tmp_path, '--epochs', '1', '--srn-stage', 'all', '--num-viz', '0',
                                      '--max-train-images', '64'))
@@ -101,6 +120,21 @@ def test_resume_file_for_another_model(synthetic_dir, tmp_path, train_script):
     result = _cli(*_args(synthetic_dir, tmp_path / 'b', '--model', 'srn_test_convnext'),
                   '--resume', str(tmp_path / 'a' / 'last.pth.tar'))
     assert result.returncode == 2 and "holds a 'srn_test_resnet' checkpoint, not 'srn_test_convnext'" in result.stderr
+
+
+def test_help_shows_every_default_and_help_loss_lists_the_kwargs(train_script):
+    parser = train_script.build_parser()
+    undocumented = [a.dest for a in parser._actions if not a.help]
+    assert not undocumented, undocumented
+    text = ' '.join(parser.format_help().split())
+    assert '(default: 128)' in text and '(default: srn_test_resnet)' in text
+    assert text.count('en-spatial') == 1  # the loss names are listed once, not repeated as choices
+    result = _cli('--help-loss', 'epr', '--dataset', 'voc2007')
+    assert result.returncode == 0 and 'expected_positives=1.5' in result.stdout
+    result = _cli('--help-loss', 'asl')
+    assert 'asl_gamma_neg=4.0' in result.stdout and 'poly_epsilon' not in result.stdout
+    result = _cli('--help-loss', 'nope')
+    assert result.returncode == 2 and "unknown loss 'nope'" in result.stderr
 
 
 def test_unknown_dataset_and_loss_rejected_by_the_parser(tmp_path):

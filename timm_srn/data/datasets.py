@@ -125,7 +125,9 @@ class MultiLabelDataset(torch.utils.data.Dataset):
 
 
 class CocoDataset(MultiLabelDataset):
-    """COCO (2014) instances via pycocotools: category ids mapped to 0..C-1 in sorted id order.
+    """COCO (2014) instances via pycocotools. Rows and columns follow the single-positive benchmark's formatting
+    (format_coco.py of Cole et al.): images with at least one annotation, ordered by their id compared as text;
+    categories in the order of the annotation file's category list (ascending id in the official files).
 
     Args:
         root: Image folder (e.g. train2014/).
@@ -139,10 +141,10 @@ class CocoDataset(MultiLabelDataset):
         ann_file = _require(Path(ann_file), 'COCO annotation file')
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             coco = COCO(str(ann_file))
-        cat_ids = sorted(coco.getCatIds())
+        cat_ids = coco.getCatIds()  # the file's order
         column = {cat_id: i for i, cat_id in enumerate(cat_ids)}
         samples, targets = [], []
-        for image_id in sorted(coco.getImgIds()):
+        for image_id in sorted(coco.getImgIds(), key=str):  # text order, as the benchmark's formatting script
             anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
             if not anns and not keep_unannotated:
                 continue
@@ -165,11 +167,14 @@ class VocDataset(MultiLabelDataset):
         root: The VOC20XX folder (holding JPEGImages/ and ImageSets/Main/).
         split: 'train', 'val', 'trainval' or 'test'.
         difficult: How labels marked 0 (difficult) count: 'negative', 'positive' or 'ignore' (masked in evaluation).
+        keep_without_positive: Keep images with no positive label (all their objects difficult). False is the
+            single-positive benchmark's VOC 2012 rule (Cole et al.'s format_pascal.py); rows are in image id order.
     """
 
     DIFFICULT_MODES = ('negative', 'positive', 'ignore')
 
-    def __init__(self, root, split: str = 'trainval', transform=None, difficult: str = 'negative', skip_unreadable: bool = False):
+    def __init__(self, root, split: str = 'trainval', transform=None, difficult: str = 'negative',
+                 skip_unreadable: bool = False, keep_without_positive: bool = True):
         if difficult not in self.DIFFICULT_MODES:
             raise ValueError(f'difficult must be one of {self.DIFFICULT_MODES}, got {difficult!r}.')
         root = _require(Path(root), 'VOC root')
@@ -192,6 +197,10 @@ class VocDataset(MultiLabelDataset):
                 raise ValueError(f'{path} lists different images than {VOC_LABEL_NAMES[0]}_{split}.txt.')
             columns.append(values)
         raw = np.array(columns, dtype=np.int64).T
+        order = sorted(range(len(image_ids)), key=lambda row: image_ids[row])
+        if not keep_without_positive:
+            order = [row for row in order if (raw[row] == 1).any()]
+        raw, image_ids = raw[order], [image_ids[row] for row in order]
         targets = (raw == 1) | ((raw == 0) & (difficult == 'positive'))
         mask = (raw != 0) | (difficult != 'ignore')
         samples = [root / 'JPEGImages' / f'{i}.jpg' for i in image_ids]

@@ -104,7 +104,8 @@ def _create(name: str, root: Optional[str], split: str, transform: Optional[Call
     if name == 'voc2007':
         return VocDataset(_voc_root(root, '2007'), 'trainval' if split == 'train' else 'test', transform, **kwargs)
     if name == 'voc2012':
-        return VocDataset(_voc_root(root, '2012'), split, transform, **kwargs)
+        # the single-positive benchmark's VOC 2012: images with at least one positive (Cole et al.)
+        return VocDataset(_voc_root(root, '2012'), split, transform, **dict(dict(keep_without_positive=False), **kwargs))
     if name in ('nuswide', 'cub'):
         return NpyDataset(root, kwargs.pop('image_root', root), split, transform=transform, **kwargs)
     if name == 'imagenet-real':

@@ -1,9 +1,14 @@
 """The single-positive protocol of the benchmark (Cole et al. 2021) shared by the peers.
 
-- `sample_single_positive`: a RandomState(seed) per split; for each image in file order one of its positives,
-  chosen uniformly. Rule for images with no positive: they keep no observed label (an all-zero row) and are
-  counted in the result.
-- `split_train_val`: 20% of the official train set becomes a fully labelled validation split (seed 1200).
+Equal, draw for draw, to the public code that produced the published numbers (preproc/generate_observed_labels.py
+and datasets.py of elijahcole/single-positive-multi-label):
+
+- `sample_single_positive`: one RandomState(seed) for the whole official train set, before any split. For every
+  row in file order, its positives are shuffled and the first is observed; its negatives are then shuffled too
+  (none is observed), so the random stream advances exactly as the reference generator's. A row without positives
+  observes nothing (an all-zero row) and is counted.
+- `split_train_val`: a RandomState(seed) permutation; the first 80% (sorted) are train, the last 20% (sorted) the
+  fully labelled validation split.
 """
 from pathlib import Path
 from typing import NamedTuple, Tuple, Union
@@ -23,33 +28,38 @@ class SinglePositive(NamedTuple):
 
 
 def sample_single_positive(labels: np.ndarray, seed: int = 1200) -> SinglePositive:
+    """One observed positive per row of the (N, C) 0/1 `labels`, as the reference generator draws it."""
     labels = np.asarray(labels)
     rng = np.random.RandomState(seed)
     observed = np.zeros(labels.shape, dtype=np.float32)
     missing = 0
     for i, row in enumerate(labels):
         positives = np.flatnonzero(row == 1)
-        if len(positives) == 0:
+        rng.shuffle(positives)
+        if len(positives):
+            observed[i, positives[0]] = 1.
+        else:
             missing += 1
-            continue
-        observed[i, rng.choice(positives)] = 1.
+        rng.shuffle(np.flatnonzero(row != 1))  # the reference shuffles the negatives too (observing none of them)
     return SinglePositive(observed, missing)
 
 
 def split_train_val(num_images: int, val_fraction: float = 0.2, seed: int = 1200) -> Tuple[np.ndarray, np.ndarray]:
-    """(train indices, val indices), both sorted, from a RandomState(seed) permutation."""
+    """(train indices, val indices), both sorted: the head and the tail of a RandomState(seed) permutation."""
     order = np.random.RandomState(seed).permutation(num_images)
-    num_val = int(round(val_fraction * num_images))
-    return np.sort(order[num_val:]), np.sort(order[:num_val])
+    num_val = int(np.round(val_fraction * num_images))
+    num_train = num_images - num_val
+    return np.sort(order[:num_train]), np.sort(order[num_train:])
 
 
 def protocol_split(dataset, seed: int = 1200):
     """The protocol on an official train set (a timm_srn dataset): (train subset, fully labelled val subset,
-    observed labels of the train subset, images of the train subset without a positive)."""
+    observed labels of the train subset, images of the train subset without a positive). The positives are drawn
+    over the whole official train set first, then split, as in the reference code."""
     train_idx, val_idx = split_train_val(len(dataset), seed=seed)
-    train = dataset.subset(train_idx)
-    result = sample_single_positive(train.targets, seed=seed)
-    return train, dataset.subset(val_idx), result.labels, result.num_without_positive
+    observed = sample_single_positive(dataset.targets, seed=seed).labels[train_idx]
+    num_without_positive = int((observed.sum(axis=1) == 0).sum())
+    return dataset.subset(train_idx), dataset.subset(val_idx), observed, num_without_positive
 
 
 def save_observed_labels(path: Union[str, Path], labels: np.ndarray) -> None:

@@ -5,19 +5,27 @@ Targets are plain (B, C) observed labels (1 = observed positive, 0 = unknown) or
 Every loss is averaged over batch x classes.
 
 - AN: unobserved labels are negatives (Cole et al. 2021).
-- AN-LS: AN with label smoothing: targets (1 - eps) * y + eps / 2, eps = 0.1.
+- AN-LS: AN with label smoothing as Cole et al.'s loss_an_ls: targets 1 - eps for observed positives and eps for
+  the rest, eps = 0.1 (their ls_coef).
 - WAN: AN with negatives weighted 1 / (C - 1).
-- EPR: positives + (sum of probabilities - k)^2 / C^2, k the expected positive count per image.
-- ROLE: learned per-sample label estimates (Cole et al. 2021): BCE of the model against the
-  estimates and of the estimates against the model, each with EPR.
-- LL-R / LL-Ct / LL-Cp (Kim et al. 2022): AN, where the unobserved labels with the largest losses in
-  the batch (a fraction growing by `delta_rel` percent per epoch) are rejected (R), treated as positives
-  for this step (Ct), or flipped to positive permanently for that sample (Cp).
-- EM (Zhou et al. 2022): unobserved labels maximise prediction entropy, weight alpha.
-- EM + APL: EM plus asymmetric pseudo-labels: unobserved labels predicted below `apl_threshold`
-  become weighted negatives (weight beta) after warm-up.
+- EPR: observed positives + (batch mean of the per-image probability sums - k)^2 / C^2 (Cole et al.'s
+  expected_positive_regularizer: one batch-level term), k the expected positive count per image.
+- ROLE (Cole et al. 2021): learned per-sample, per-class label estimates (all entries, observed positives too,
+  initialised at 0.995 / uniform in [0.4, 0.6]); loss 0.5 (positives of model and estimates) + 0.5 (BCE of the model
+  against the detached estimates + BCE of the estimates against the detached model) + 0.5 (EPR of both). The
+  estimates train at `lr_multiplier` (10) times the model's learning rate (train.py applies it).
+- Numerics: Cole et al. compute -log(p + 1e-5) on probabilities; these losses use exact log-sigmoid of the logits
+  (the same values up to that 1e-5 offset).
+- LL-R / LL-Ct / LL-Cp (Kim et al. 2022): AN, where the unobserved labels with the largest losses in the batch
+  (ceil(B C rate) entries, rate growing by `delta_rel` percent per epoch; LL-Cp a constant `delta_rel` percent)
+  are rejected (R), treated as positives for this step (Ct), or flipped to positive permanently (Cp).
+- EM (Zhou et al. 2022): unobserved labels maximise prediction entropy, weight alpha (per dataset, EM_DEFAULTS).
+- EM + APL: EM plus asymmetric pseudo-labels, per epoch and per class after warm-up, permanent soft targets
+  (see EntropyMaximizationLoss); alpha, beta and warm-up per dataset as the reference runs them.
 """
-from typing import Optional
+import inspect
+import math
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -27,11 +35,13 @@ from ..data.targets import unpack_observed
 
 __all__ = [
     'AssumeNegativeLoss', 'WeakAssumeNegativeLoss', 'ExpectedPositiveLoss', 'RoleLoss', 'LargeLossLoss',
-    'EntropyMaximizationLoss', 'EXPECTED_POSITIVES', 'create_single_positive_loss',
+    'EntropyMaximizationLoss', 'EXPECTED_POSITIVES', 'EM_DEFAULTS', 'create_single_positive_loss', 'loss_options',
+    'SINGLE_POSITIVE_LOSSES',
 ]
 
 # expected positives per image (k) of EPR / ROLE, from the single-positive benchmark
-EXPECTED_POSITIVES = {'voc': 1.5, 'coco': 2.9, 'nuswide': 1.9, 'cub': 31.4}
+# (Cole et al.'s train.py lookup; COCO's is 2.5 there, though their paper's table gives 2.9)
+EXPECTED_POSITIVES = {'voc': 1.5, 'coco': 2.5, 'nuswide': 1.9, 'cub': 31.4}
 
 
 class _SinglePositiveLoss(nn.Module):
@@ -48,7 +58,7 @@ class _SinglePositiveLoss(nn.Module):
 
 
 class AssumeNegativeLoss(_SinglePositiveLoss):
-    """AN, or AN-LS with `smoothing=0.1`."""
+    """AN, or AN-LS with `smoothing=0.1` (targets 1 - smoothing and smoothing)."""
 
     def __init__(self, smoothing: float = 0.):
         super().__init__()
@@ -56,7 +66,7 @@ class AssumeNegativeLoss(_SinglePositiveLoss):
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels, _ = self._labels(output, target)
-        labels = labels * (1. - self.smoothing) + self.smoothing / 2.
+        labels = labels * (1. - 2. * self.smoothing) + self.smoothing
         return F.binary_cross_entropy_with_logits(output.float(), labels)
 
 
@@ -70,14 +80,14 @@ class WeakAssumeNegativeLoss(_SinglePositiveLoss):
 
 
 def _epr(probs: torch.Tensor, k: float) -> torch.Tensor:
-    num_classes = probs.shape[1]
-    return ((probs.sum(dim=1) - k) ** 2 / num_classes ** 2).mean()
+    """(batch mean of the per-image expected positive counts - k)^2 / C^2: one term per batch."""
+    return (probs.sum(dim=1).mean() - k) ** 2 / probs.shape[1] ** 2
 
 
 class ExpectedPositiveLoss(_SinglePositiveLoss):
     """EPR: observed positives + (expected positive count - k)^2 / C^2."""
 
-    def __init__(self, expected_positives: float = 2.9):
+    def __init__(self, expected_positives: float = 2.5):
         super().__init__()
         self.expected_positives = expected_positives
 
@@ -88,32 +98,55 @@ class ExpectedPositiveLoss(_SinglePositiveLoss):
         return positive + _epr(logits.sigmoid(), self.expected_positives)
 
 
+def _bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Element-wise BCE of sigmoid(logits) against probabilities `targets`."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
+
+
 class RoleLoss(_SinglePositiveLoss):
-    """ROLE: per-sample label estimates (learnable logits, optimise them with the model)."""
+    """ROLE: per-sample label estimates (learnable logits, trained with the model at `lr_multiplier` x its lr)."""
 
     needs_index = True
+    lr_multiplier = 10.  # Cole et al.'s lr_mult for the label estimator
 
-    def __init__(self, num_samples: int, num_classes: int, expected_positives: float = 2.9):
+    def __init__(self, num_samples: int, num_classes: int, expected_positives: float = 2.5):
         super().__init__()
         self.expected_positives = expected_positives
-        self.label_logits = nn.Parameter(torch.zeros(num_samples, num_classes))
+        # unobserved entries start uniform in [logit(0.4), logit(0.6)]; observed positives are set to logit(0.995)
+        # the first time their sample is seen (the observed labels arrive with the targets)
+        spread = math.log(0.6 / 0.4)
+        self.label_logits = nn.Parameter(spread * (2 * torch.rand(num_samples, num_classes) - 1))
+        self.register_buffer('initialised', torch.zeros(num_samples, dtype=torch.bool))
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels, index = self._labels(output, target)
-        estimates = self.label_logits[index].float()
         observed = labels > 0.5
-        # observed positives are fixed to 1 in the estimates
-        est_probs = torch.where(observed, torch.ones_like(estimates), estimates.sigmoid())
+        fresh = ~self.initialised[index]
+        if fresh.any():
+            with torch.no_grad():
+                rows = self.label_logits[index[fresh]]
+                rows[observed[fresh]] = math.log(0.995 / 0.005)
+                self.label_logits[index[fresh]] = rows
+                self.initialised[index[fresh]] = True
+        estimate_logits = self.label_logits[index].float()
         logits = output.float()
-        model_term = F.binary_cross_entropy_with_logits(logits, est_probs.detach()) + \
-            _epr(logits.sigmoid(), self.expected_positives)
-        estimate_term = F.binary_cross_entropy(est_probs.clamp(1e-6, 1 - 1e-6), logits.sigmoid().detach()) + \
-            _epr(est_probs, self.expected_positives)
-        return model_term + estimate_term
+        positives = (F.softplus(-logits) + F.softplus(-estimate_logits)) * observed
+        cross = _bce(logits, estimate_logits.sigmoid().detach()) + _bce(estimate_logits, logits.sigmoid().detach())
+        regulariser = _epr(logits.sigmoid(), self.expected_positives) + \
+            _epr(estimate_logits.sigmoid(), self.expected_positives)
+        return 0.5 * (positives + cross).mean() + 0.5 * regulariser
 
 
 class LargeLossLoss(_SinglePositiveLoss):
-    """LL-R ('reject'), LL-Ct ('correct_temporary') or LL-Cp ('correct_permanent')."""
+    """LL-R ('reject'), LL-Ct ('correct_temporary') or LL-Cp ('correct_permanent'), as snucml/LargeLossMatters.
+
+    From the second epoch, k = ceil(B * C * rate) entries of the batch are modified (rate = epoch * delta_rel %;
+    LL-Cp: the constant delta_rel %, the rule its code intends): the unobserved labels whose AN loss is at least the
+    k-th largest masked loss are rejected (R) or counted as positives (Ct, Cp); LL-Cp also flips those strictly
+    above it to positive for good. (The published script picks LL-Cp's rule with `is` on a string, which Python
+    does not guarantee to match; we apply the intended rule. We never modify observed positives, which the
+    reference would do only when the k-th largest masked loss is 0.)
+    """
 
     MODES = ('reject', 'correct_temporary', 'correct_permanent')
 
@@ -132,7 +165,7 @@ class LargeLossLoss(_SinglePositiveLoss):
             self.register_buffer('flipped', torch.zeros(num_samples, num_classes, dtype=torch.bool))
 
     def rate(self) -> float:
-        """Fraction of unobserved labels modified at the current epoch (0 in the first epoch)."""
+        """Fraction of the batch's entries modified at the current epoch (0 in the first epoch)."""
         return min(1., self.epoch * self.delta_rel / 100.)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -142,68 +175,156 @@ class LargeLossLoss(_SinglePositiveLoss):
             labels = torch.maximum(labels, self.flipped[index].float())
         losses = F.binary_cross_entropy_with_logits(logits, labels, reduction='none')
         unobserved = labels < 0.5
-        count = int(self.rate() * int(unobserved.sum()))
-        weight = torch.ones_like(losses)
-        if count > 0:
-            candidate = torch.where(unobserved, losses.detach(), torch.full_like(losses, -1.))
-            largest = torch.zeros_like(unobserved).flatten()
-            largest[candidate.flatten().topk(count).indices] = True
-            largest = largest.view_as(unobserved)
+        if self.rate() > 0:
+            fraction = self.delta_rel / 100. if self.mode == 'correct_permanent' else self.rate()
+            count = min(math.ceil(losses.numel() * fraction), losses.numel())
+            masked = losses.detach() * unobserved
+            threshold = masked.flatten().topk(count).values[-1]
+            modified = unobserved & (masked >= threshold)
             if self.mode == 'reject':
-                weight = (~largest).float()
+                losses = losses * ~modified
             else:
-                labels = torch.where(largest, torch.ones_like(labels), labels)
-                losses = F.binary_cross_entropy_with_logits(logits, labels, reduction='none')
+                losses = torch.where(modified, F.softplus(-logits), losses)  # BCE against 1
                 if self.mode == 'correct_permanent' and self.training:
-                    self.flipped[index] |= largest
-        return (losses * weight).mean()
+                    self.flipped[index] |= unobserved & (masked > threshold)
+        return losses.mean()
 
 
 class EntropyMaximizationLoss(_SinglePositiveLoss):
-    """EM; with `apl_beta > 0`, EM + APL (asymmetric pseudo-labelled negatives after `warmup_epochs`)."""
+    """EM; with `apl_beta > 0`, EM + APL as Correr-Zhou/SPML-AckTheUnknown runs it.
 
-    def __init__(self, alpha: float = 0.1, apl_beta: float = 0., apl_threshold: float = 0.05,
-                 warmup_epochs: float = 1.):
+    APL: at the end of every epoch from `warmup_epochs` on, the training loop passes the model's probabilities on the
+    whole training set to `pseudo_label`; per class, the int(negative_proportion * U_c / (num_epochs - warmup_epochs))
+    unobserved, not yet pseudo-labelled entries with the lowest probability get that probability as a permanent soft
+    target (U_c: the class's unobserved count). Pseudo-labelled entries leave the entropy term and add
+    apl_beta * BCE(p, target).
+    """
+
+    def __init__(self, alpha: float = 0.1, apl_beta: float = 0., warmup_epochs: int = 5, num_epochs: int = 10,
+                 negative_proportion: float = 0.9, num_samples: Optional[int] = None,
+                 num_classes: Optional[int] = None):
         super().__init__()
         self.alpha = alpha
         self.apl_beta = apl_beta
-        self.apl_threshold = apl_threshold
         self.warmup_epochs = warmup_epochs
+        self.num_epochs = num_epochs
+        self.negative_proportion = negative_proportion
         self.epoch = 0.
+        self.needs_index = apl_beta > 0
+        if self.needs_index:
+            if num_samples is None or num_classes is None:
+                raise ValueError('EM+APL needs num_samples and num_classes for its per-sample pseudo-labels.')
+            if num_epochs <= warmup_epochs:
+                raise ValueError(f'EM+APL needs num_epochs ({num_epochs}) > warmup_epochs ({warmup_epochs}).')
+            self.register_buffer('pseudo_labelled', torch.zeros(num_samples, num_classes, dtype=torch.bool))
+            self.register_buffer('pseudo_targets', torch.zeros(num_samples, num_classes))
+
+    def pseudo_labels_due(self, epoch: int) -> bool:
+        """Whether to pseudo-label after training epoch `epoch` (0-based; the reference counts from 1)."""
+        return self.apl_beta > 0 and epoch + 1 >= self.warmup_epochs
+
+    @torch.no_grad()
+    def pseudo_label(self, probs: torch.Tensor, observed: torch.Tensor) -> int:
+        """Add this epoch's pseudo-labels from (N, C) probabilities and observed labels of the training set; returns
+        how many were added."""
+        probs, observed = probs.to(self.pseudo_targets.device).float(), observed.to(probs.device) > 0.5
+        per_epoch = (self.negative_proportion * (~observed).sum(0).double() /
+                     (self.num_epochs - self.warmup_epochs)).long()
+        added = 0
+        for c in range(probs.shape[1]):
+            candidates = torch.nonzero(~observed[:, c] & ~self.pseudo_labelled[:, c]).flatten()
+            count = min(int(per_epoch[c]), len(candidates))
+            if count == 0:
+                continue
+            chosen = candidates[probs[candidates, c].argsort(stable=True)[:count]]
+            self.pseudo_targets[chosen, c] = probs[chosen, c]
+            self.pseudo_labelled[chosen, c] = True
+            added += count
+        return added
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        labels, _ = self._labels(output, target)
+        labels, index = self._labels(output, target)
         logits = output.float()
         probs = logits.sigmoid()
         observed = labels > 0.5
         positive = F.softplus(-logits) * observed
         entropy = -(probs * F.logsigmoid(logits) + (1 - probs) * F.logsigmoid(-logits))
-        loss = positive - self.alpha * entropy * ~observed
-        if self.apl_beta > 0 and self.epoch >= self.warmup_epochs:
-            pseudo_negative = ~observed & (probs.detach() < self.apl_threshold)
-            loss = loss + self.apl_beta * F.softplus(logits) * pseudo_negative
-        return loss.mean()
+        unknown = ~observed
+        loss = positive
+        if self.needs_index:
+            pseudo = self.pseudo_labelled[index] & unknown
+            unknown = unknown & ~pseudo
+            soft = F.binary_cross_entropy_with_logits(logits, self.pseudo_targets[index], reduction='none')
+            loss = loss + self.apl_beta * soft * pseudo
+        return (loss - self.alpha * entropy * unknown).mean()
+
+
+# EM / EM+APL defaults per dataset (Correr-Zhou/SPML-AckTheUnknown train.py)
+EM_DEFAULTS = {
+    'voc': dict(alpha=0.2, apl_beta=0.02, warmup_epochs=5),
+    'coco': dict(alpha=0.1, apl_beta=0.9, warmup_epochs=5),
+    'nuswide': dict(alpha=0.1, apl_beta=0.2, warmup_epochs=4),
+    'cub': dict(alpha=0.01, apl_beta=0.4, warmup_epochs=3),
+}
+
+
+EXPECTED = 'expected_positives of the dataset'  # placeholder default, resolved from EXPECTED_POSITIVES
+EM_DATASET = 'EM_DEFAULTS of the dataset'  # placeholder default, resolved from EM_DEFAULTS (COCO's elsewhere)
+
+# name: (criterion class path, arguments the name fixes, defaults of the name that --loss-kwargs may override)
+SINGLE_POSITIVE_LOSSES = {
+    'an': ('AssumeNegativeLoss', {}, {}),
+    'an-ls': ('AssumeNegativeLoss', {}, dict(smoothing=0.1)),
+    'wan': ('WeakAssumeNegativeLoss', {}, {}),
+    'epr': ('ExpectedPositiveLoss', {}, dict(expected_positives=EXPECTED)),
+    'role': ('RoleLoss', {}, dict(expected_positives=EXPECTED)),
+    'll-r': ('LargeLossLoss', dict(mode='reject'), {}),
+    'll-ct': ('LargeLossLoss', dict(mode='correct_temporary'), {}),
+    'll-cp': ('LargeLossLoss', dict(mode='correct_permanent'), {}),
+    'em': ('EntropyMaximizationLoss', dict(apl_beta=0.), dict(alpha=EM_DATASET)),
+    'em-apl': ('EntropyMaximizationLoss', {}, dict(alpha=EM_DATASET, apl_beta=EM_DATASET, warmup_epochs=EM_DATASET)),
+    'consistency': ('SpatialConsistencyLoss', dict(spatial_weight=0.), {}),
+    'en': ('SpatialConsistencyLoss', dict(negatives='en', spatial_weight=0.), {}),
+    'spatial': ('SpatialConsistencyLoss', {}, {}),  # assume negative + consistency + spatial
+    'en-spatial': ('SpatialConsistencyLoss', dict(negatives='en'), {}),  # the WACV paper's headline method
+}
+SIZED_ARGUMENTS = ('num_samples', 'num_classes')  # given by the factory, never by --loss-kwargs
+
+
+def _criterion_class(name: str) -> type:
+    if name not in SINGLE_POSITIVE_LOSSES:
+        raise ValueError(f"Unknown single-positive loss '{name}'; choose from {sorted(SINGLE_POSITIVE_LOSSES)}.")
+    from . import spatial_consistency  # imports this module: resolved at call time
+    class_name = SINGLE_POSITIVE_LOSSES[name][0]
+    return globals().get(class_name) or getattr(spatial_consistency, class_name)
+
+
+def loss_options(name: str, dataset: str = 'coco') -> Dict[str, Any]:
+    """The arguments `--loss-kwargs` may set for single-positive loss `name`, with their defaults."""
+    parameters = inspect.signature(_criterion_class(name)).parameters
+    _, fixed, defaults = SINGLE_POSITIVE_LOSSES[name]
+    options = {key: parameter.default for key, parameter in parameters.items()
+               if key not in fixed and key not in SIZED_ARGUMENTS and parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
+    for key, value in defaults.items():
+        if value == EXPECTED:
+            value = EXPECTED_POSITIVES.get(dataset, EXPECTED_POSITIVES['coco'])
+        elif value == EM_DATASET:
+            value = EM_DEFAULTS.get(dataset, EM_DEFAULTS['coco'])[key]
+        options[key] = value
+    return options
 
 
 def create_single_positive_loss(name: str, num_samples: int, num_classes: int, dataset: str = 'coco', **kwargs) -> nn.Module:
-    """Criterion by name: an, an-ls, wan, epr, role, ll-r, ll-ct, ll-cp, em, em-apl, consistency, en, spatial."""
-    from .spatial_consistency import SpatialConsistencyLoss
-    k = EXPECTED_POSITIVES.get(dataset, 2.9)
-    factories = {
-        'an': lambda: AssumeNegativeLoss(**kwargs),
-        'an-ls': lambda: AssumeNegativeLoss(smoothing=kwargs.pop('smoothing', 0.1), **kwargs),
-        'wan': lambda: WeakAssumeNegativeLoss(**kwargs),
-        'epr': lambda: ExpectedPositiveLoss(expected_positives=kwargs.pop('expected_positives', k), **kwargs),
-        'role': lambda: RoleLoss(num_samples, num_classes, expected_positives=kwargs.pop('expected_positives', k), **kwargs),
-        'll-r': lambda: LargeLossLoss('reject', **kwargs),
-        'll-ct': lambda: LargeLossLoss('correct_temporary', **kwargs),
-        'll-cp': lambda: LargeLossLoss('correct_permanent', num_samples=num_samples, num_classes=num_classes, **kwargs),
-        'em': lambda: EntropyMaximizationLoss(**kwargs),
-        'em-apl': lambda: EntropyMaximizationLoss(apl_beta=kwargs.pop('apl_beta', 1.0), **kwargs),
-        'consistency': lambda: SpatialConsistencyLoss(num_samples, num_classes, spatial_weight=0., **kwargs),
-        'en': lambda: SpatialConsistencyLoss(num_samples, num_classes, negatives='en', spatial_weight=0., **kwargs),
-        'spatial': lambda: SpatialConsistencyLoss(num_samples, num_classes, **kwargs),
-    }
-    if name not in factories:
-        raise ValueError(f"Unknown single-positive loss '{name}'; choose from {sorted(factories)}.")
-    return factories[name]()
+    """Criterion by name (see SINGLE_POSITIVE_LOSSES): an, an-ls, wan, epr, role, ll-r, ll-ct, ll-cp, em, em-apl,
+    consistency, en, spatial (assume negative + spatial), en-spatial (expected negatives + spatial)."""
+    cls = _criterion_class(name)
+    _, fixed, _ = SINGLE_POSITIVE_LOSSES[name]
+    options = loss_options(name, dataset)
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise TypeError(f"loss '{name}' takes no argument {', '.join(unknown)}; it takes {', '.join(options) or 'none'}.")
+    sized = {key: value for key, value in dict(num_samples=num_samples, num_classes=num_classes).items()
+             if key in inspect.signature(cls).parameters}
+    if (cls is LargeLossLoss and fixed['mode'] != 'correct_permanent') or name == 'em':
+        sized = {}  # only LL-Cp and EM+APL keep per-sample state
+    return cls(**sized, **fixed, **dict(options, **kwargs))
