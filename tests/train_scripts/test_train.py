@@ -89,6 +89,12 @@ def test_em_apl_pseudo_labels_after_each_epoch_from_warm_up(synthetic_dir, tmp_p
     assert not (state['pseudo_labelled'] & observed).any()
 
 
+def test_role_estimates_train_at_ten_times_the_learning_rate(synthetic_dir, tmp_path, train_script):
+    train_script.main(_args(synthetic_dir, tmp_path, '--epochs', '1', '--loss', 'role', '--num-viz', '0'))
+    groups = load_checkpoint_file(tmp_path / 'last.pth.tar')['optimizer']['param_groups']
+    assert groups[-1]['initial_lr'] == pytest.approx(10 * groups[0]['initial_lr']) and groups[-1]['weight_decay'] == 0
+
+
 def test_srn_stages_all_run_in_sequence(synthetic_dir, tmp_path, train_script):
     result = train_script.main(_args(synthetic_dir, tmp_path, '--epochs', '1', '--srn-stage', 'all', '--num-viz', '0',
                                      '--max-train-images', '64'))
