@@ -1,5 +1,5 @@
 """Evaluation loop shared by training and validate.py: the same code gives the same numbers."""
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,10 +65,9 @@ def predict(
     return accumulator.gathered(distributed=distributed, device=device)
 
 
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, top_k: int = 3,
-             ap: str = 'noninterp', threshold: float = 0.5, precision_rule: str = 'zero', **predict_kwargs) -> Dict[str, float]:
-    """Every metric of `timm_srn.metrics.multilabel_metrics` (top-3 included) over a loader of `IndexedDataset`;
-    `predict_kwargs` go to `predict`."""
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+             metric_kwargs: Optional[Dict[str, Any]] = None, **predict_kwargs) -> Dict[str, float]:
+    """Every metric of `timm_srn.metrics.multilabel_metrics` (top-3 unless `metric_kwargs` say otherwise) over a
+    loader of `IndexedDataset`; `predict_kwargs` go to `predict`."""
     scores, targets, masks = predict(model, loader, device, **predict_kwargs)
-    return multilabel_metrics(scores, targets, threshold=threshold, top_k=top_k, ap=ap, mask=masks,
-                              precision_rule=precision_rule)
+    return multilabel_metrics(scores, targets, mask=masks, **dict(dict(top_k=3), **(metric_kwargs or {})))

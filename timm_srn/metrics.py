@@ -72,8 +72,9 @@ def _threshold_metrics(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Te
         precision = (tp + MATLAB_EPS) / (predicted + MATLAB_EPS)
         recall = (tp + MATLAB_EPS) / (truth + MATLAB_EPS) + MATLAB_EPS
         precision, recall = precision[has_pos], recall[has_pos]
-        pooled_tp, pooled_predicted, pooled_truth = tp.sum() + MATLAB_EPS, predicted.sum() + MATLAB_EPS, truth.sum() + MATLAB_EPS
-        op, orr = (pooled_tp / pooled_predicted).item(), (pooled_tp / pooled_truth).item() + MATLAB_EPS
+        pooled_tp = tp.sum() + MATLAB_EPS
+        op = (pooled_tp / (predicted.sum() + MATLAB_EPS)).item()
+        orr = (pooled_tp / (truth.sum() + MATLAB_EPS)).item() + MATLAB_EPS
     else:
         precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))[has_pos]
         recall = (tp / truth.clamp(min=1))[has_pos]

@@ -65,8 +65,8 @@ def run(args) -> Dict[str, Any]:
     dataset.transform = eval_transform(model, args.img_size)
     loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=args.batch_size, num_workers=args.workers)
     amp_dtype = AMP_DTYPES.get(args.amp)
-    metrics = evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, tta_flip=args.tta_flip,
-                       **dict(METRIC_PRESETS[args.metrics], **({'ap': args.ap} if args.ap else {})))
+    metric_kwargs = dict(METRIC_PRESETS[args.metrics], **({'ap': args.ap} if args.ap else {}))
+    metrics = evaluate(model.to(device), loader, device, metric_kwargs, amp_dtype=amp_dtype, tta_flip=args.tta_flip)
     settings = {k: v for k, v in vars(args).items() if k not in ('output',)}
     settings.update(img_size=args.img_size or model.pretrained_cfg['input_size'][-1], timm_srn_version=timm_srn.__version__,
                     timm_version=timm.__version__, num_classes=model.num_classes)

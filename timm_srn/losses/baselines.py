@@ -323,8 +323,7 @@ def create_single_positive_loss(name: str, num_samples: int, num_classes: int, d
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise TypeError(f"loss '{name}' takes no argument {', '.join(unknown)}; it takes {', '.join(options) or 'none'}.")
+    # criteria with per-sample state take the sizes; LL and EM allocate it only in the modes that keep it
     sized = {key: value for key, value in dict(num_samples=num_samples, num_classes=num_classes).items()
              if key in inspect.signature(cls).parameters}
-    if (cls is LargeLossLoss and fixed['mode'] != 'correct_permanent') or name == 'em':
-        sized = {}  # only LL-Cp and EM+APL keep per-sample state
     return cls(**sized, **fixed, **dict(options, **kwargs))

@@ -1,8 +1,8 @@
 """Which timm model families SRN and the class maps of plain models run on.
 
 One model per family (timm's model modules), built on the meta device (no weights, no compute) at its
-pretrained input size (a few families on the CPU at a small size, see CPU_FAMILIES): SRN forward + forward_branches, and the class maps the spatial consistency loss
-takes from the plain model. `python -m timm_srn.models.coverage` prints the table and the coverage figure;
+pretrained input size (a few families on the CPU at a small size, see CPU_FAMILIES): SRN forward +
+forward_branches, and the class maps the spatial consistency loss takes from the plain model. `python -m timm_srn.models.coverage` prints the table and the coverage figure;
 the test suite runs the same check per family.
 """
 import argparse

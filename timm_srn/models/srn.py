@@ -42,7 +42,7 @@ class SRNOutput(NamedTuple):
     attention: torch.Tensor  # A, softmax over positions per image and class, (B, C, h, w)
     confidence: torch.Tensor  # S, (B, C, h, w)
     class_maps: torch.Tensor  # main branch at every position of the final features, (B, C, H, W); S where
-    # the final features have no spatial layout (CrossViT, EfficientViM, PiT)
+    # the final features have no spatial layout (CrossViT, EfficientViM, PiT, parallel CoaT)
 
 
 def _factory_kwargs(module: nn.Module) -> Dict[str, Any]:
@@ -145,9 +145,14 @@ def tap_feature_index(feature_info: Sequence[Dict[str, Any]]) -> int:
     return max(range(len(distances)), key=lambda index: (-distances[index], index))
 
 
+def _backbone_pretrained_cfg(backbone: str):
+    """timm's pretrained config of the backbone (the given tag, or the default one); None if it has none."""
+    return get_pretrained_cfg(backbone) or get_pretrained_cfg(split_model_name_tag(backbone)[0])
+
+
 def backbone_input_size(backbone: str) -> Tuple[int, int]:
     """The input size of the backbone's pretrained config (default tag, or the given one)."""
-    cfg = get_pretrained_cfg(backbone) or get_pretrained_cfg(split_model_name_tag(backbone)[0])
+    cfg = _backbone_pretrained_cfg(backbone)
     return tuple(cfg.input_size[1:]) if cfg is not None else (224, 224)
 
 
@@ -360,7 +365,7 @@ class SRN(nn.Module):
         cls_logits = self.forward_head(final)
         att_logits, attention, confidence = self.attention(tap)
         class_maps = class_activation_maps(self.backbone, final, tuple(x.shape[-2:]), self.forward_head)
-        if class_maps is None:  # final features without a spatial layout (CrossViT, EfficientViM, PiT)
+        if class_maps is None:  # final features without a spatial layout (CrossViT, EfficientViM, PiT, CoaT)
             class_maps = confidence
         sr_logits = self.regularizer(attention * confidence.sigmoid())
         logits = self.cls_weight * cls_logits + (1. - self.cls_weight) * sr_logits
@@ -462,7 +467,7 @@ def _check_srn_state_dict(state_dict: Dict[str, torch.Tensor], model: SRN) -> Di
 
 def _backbone_cfg_overlay(backbone: str, img_size: Optional[Union[int, Tuple[int, int]]]) -> Dict[str, Any]:
     """pretrained_cfg entries that follow the chosen backbone (first conv, normalisation, input size)."""
-    cfg = get_pretrained_cfg(backbone) or get_pretrained_cfg(split_model_name_tag(backbone)[0])
+    cfg = _backbone_pretrained_cfg(backbone)
     img_size = img_size or backbone_input_size(backbone)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     overlay = dict(input_size=(3, *size))
@@ -471,7 +476,8 @@ def _backbone_cfg_overlay(backbone: str, img_size: Optional[Union[int, Tuple[int
         # the backbone's final map scales with the input; token models (ViT) have none
         pool_size = None if cfg.pool_size is None else \
             tuple(math.ceil(p * s / i) for p, s, i in zip(cfg.pool_size, size, cfg.input_size[1:]))
-        overlay.update(first_conv=f'backbone.{first_conv}' if first_conv else None, mean=cfg.mean, std=cfg.std, pool_size=pool_size)
+        overlay.update(first_conv=f'backbone.{first_conv}' if first_conv else None, mean=cfg.mean, std=cfg.std,
+                       pool_size=pool_size)
     return overlay
 
 
