@@ -157,6 +157,11 @@ def test_tap_is_the_feature_closest_to_reduction_16():
     assert model.tap_index == len(model.feature_info) - 1 and model.tap_map_size == (20, 20)
     assert model.regularizer.conv3.kernel_size == (20, 20)
     assert model(torch.randn(2, 3, 160, 160)).shape == (2, 80)
+    # tap_index overrides the rule; the kernel follows the chosen map (reduction 32: 5x5 at 160)
+    model = timm.create_model('srn', backbone='test_resnet', img_size=160, tap_index=-1, num_classes=3)
+    assert model.feature_info[model.tap_index]['reduction'] == 32 and model.tap_map_size == (5, 5)
+    assert model.regularizer.conv3.kernel_size == (5, 5) and model.attention.in_chs == model.feature_info[-1]['num_chs']
+    assert model.forward_branches(torch.randn(2, 3, 160, 160)).attention.shape == (2, 3, 5, 5)
 
 
 def test_img_size_defaults_to_the_backbone_size_and_impossible_sizes_are_refused():
