@@ -158,3 +158,30 @@ def test_srn_heatmap_sources(source, size):
     assert criterion._source.latest().shape == (2, C, *size)
     with pytest.raises(ValueError, match="Only SRN models have the 'attention' maps"):
         SpatialConsistencyLoss(8, C, heatmap_source='attention').attach(timm.create_model('test_resnet', num_classes=C))
+
+
+def test_criterion_after_an_autocast_forward_uses_the_maps_precision():
+    """timm's pattern `with autocast: output = model(x)` then `loss_fn(output, target)` outside it: the class maps'
+    head runs in the features' precision instead of failing on bf16 features and float32 weights."""
+    model = timm.create_model('test_resnet', num_classes=C)
+    criterion = SpatialConsistencyLoss(4, C, warmup_epochs=0).attach(model)
+    x = torch.randn(4, 3, 64, 64)
+    target = _batch(range(4))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        output = model(x)
+    loss = criterion(output, target)
+    assert torch.isfinite(loss) and criterion.heatmaps.maps.dtype == torch.float16
+
+
+def test_align_crops_false_stores_crops_as_whole_images():
+    """The alignment ablation: a crop's maps land on the whole stored map, as the full-image box would put them."""
+    model = timm.create_model('test_resnet', num_classes=C)
+    x = torch.randn(2, 3, 64, 64)
+    stored = {}
+    for align, boxes in ((False, [(0.5, 0.5, 1., 1.)] * 2), (True, [(0., 0., 1., 1.)] * 2)):
+        torch.manual_seed(0)
+        criterion = SpatialConsistencyLoss(2, C, warmup_epochs=0, align_crops=align).attach(model)
+        criterion(model(x), _batch([0, 1], boxes=boxes, flips=[True, False]) if not align else _batch([0, 1], boxes=boxes))
+        stored[align] = criterion.heatmaps.maps.clone()
+        assert bool(criterion.heatmaps.seen.all())
+    torch.testing.assert_close(stored[False], stored[True])

@@ -243,3 +243,10 @@ def test_any_timm_backbone_trains(backbone):
     torch.testing.assert_close(out.attention.sum(dim=(2, 3)), torch.ones(2, 4))
     srn_stage_loss(out, torch.ones(2, 4), 4).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_full_map_conv_equals_the_grouped_convolution(memory_format):
+    regularizer = timm.create_model('srn_test_resnet', num_classes=6).regularizer
+    x = torch.randn(3, regularizer.hidden_chs, *regularizer.map_size).contiguous(memory_format=memory_format)
+    torch.testing.assert_close(regularizer.full_map_conv(x), regularizer.conv3(x), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ The index is split base 2**16 into two float32 fields, each exact, so indices st
 2**40 (float32 alone is exact only to 2**24). The box is the crop in [0, 1] coordinates of the
 original image and `flip` marks a horizontal flip applied after the crop.
 """
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -26,6 +26,7 @@ class PackedTarget(NamedTuple):
     index: Optional[torch.Tensor]  # (B,) int64 dataset indices, None for plain targets
     boxes: Optional[torch.Tensor]  # (B, 4) crop boxes (x0, y0, x1, y1) in [0, 1]
     flips: Optional[torch.Tensor]  # (B,) bool, horizontal flip after the crop
+    host: Optional[Any] = None  # the same PackedTarget on the CPU, already validated (`unpack_observed`)
 
 
 def pack_target(
@@ -80,6 +81,14 @@ def _check_packed_fields(extra: torch.Tensor) -> None:
 
 def unpack_target(target: torch.Tensor, num_classes: int) -> PackedTarget:
     """Split a (B, C) plain or (B, C + 7) packed target; packed fields are validated (see `_check_packed_fields`)."""
+    packed = _split(target, num_classes)
+    if packed.index is not None:
+        _check_packed_fields(target[:, num_classes:].float())
+    return packed
+
+
+def _split(target: torch.Tensor, num_classes: int) -> PackedTarget:
+    """`unpack_target` without the value checks: shapes only, no host synchronisation."""
     if target.ndim != 2:
         raise ValueError(f'Expected a (batch, classes) target, got shape {tuple(target.shape)}.')
     width = target.shape[1]
@@ -90,7 +99,6 @@ def unpack_target(target: torch.Tensor, num_classes: int) -> PackedTarget:
             f'Target has {width} columns; expected {num_classes} (plain labels) or '
             f'{num_classes + NUM_PACKED_FIELDS} (labels packed with index and crop geometry by pack_target).')
     extra = target[:, num_classes:].float()
-    _check_packed_fields(extra)
     index = extra[:, 0].long() * _INDEX_BASE + extra[:, 1].long()
     return PackedTarget(target[:, :num_classes], index, extra[:, 2:6], extra[:, 6] > 0.5)
 
@@ -100,21 +108,27 @@ def unpack_observed(
     """`unpack_target` for single-positive criteria: float 0/1 observed labels, and the sample index when the
     criterion keeps per-sample state. Soft labels mean Mixup/CutMix, which mixes samples: rejected. Non-finite
     logits raise `FloatingPointError` naming the rows (and sample indices), before the criterion changes any
-    state: a NaN loss is never returned silently."""
+    state: a NaN loss is never returned silently.
+
+    Every check reads one host copy of the target and of which logit rows are finite: a single GPU
+    synchronisation per call. That copy, validated, is returned as `host` for the criterion's own checks."""
     if output.ndim != 2:
         raise ValueError(f'{criterion_name} expects (batch, classes) logits, got shape {tuple(output.shape)}.')
-    packed = unpack_target(target, output.shape[1])
+    num_classes = output.shape[1]
+    packed = _split(target, num_classes)
     if len(target) != len(output):
         raise ValueError(f'{criterion_name}: {len(output)} rows of logits but {len(target)} rows of targets.')
-    nonfinite = ~torch.isfinite(output.detach()).all(1)
+    finite_rows = torch.isfinite(output.detach()).all(1, keepdim=True)
+    host = torch.cat([target.detach().float(), finite_rows.float()], dim=1).cpu()
+    host_packed = unpack_target(host[:, :-1], num_classes)
+    nonfinite = host[:, -1] == 0
     if bool(nonfinite.any()):
         rows = nonfinite.nonzero()[:, 0].tolist()
-        samples = f' (dataset indices {packed.index[rows].tolist()[:8]})' if packed.index is not None else ''
+        samples = f' (dataset indices {host_packed.index[rows].tolist()[:8]})' if packed.index is not None else ''
         raise FloatingPointError(
             f'{criterion_name}: non-finite logits (NaN or Inf) in batch rows {rows[:8]}{samples}. The model diverged '
             f'or overflowed (lower the learning rate, or use --amp bf16 instead of fp16); no state was updated.')
-    labels = packed.labels.float()
-    if not torch.all((labels == 0) | (labels == 1)):
+    if not torch.all((host_packed.labels == 0) | (host_packed.labels == 1)):
         raise ValueError(
             'Targets are soft (values other than 0 and 1): Mixup/CutMix mix samples and cannot be combined with '
             'per-sample buffers or single-positive labels. Disable mixup/cutmix for this criterion.')
@@ -122,4 +136,4 @@ def unpack_observed(
         raise ValueError(
             f'{criterion_name} keeps per-sample state and needs targets packed with the sample index (packed targets '
             'from timm_srn.data.pack_target / PackedTargetDataset); got plain (batch, classes) targets.')
-    return packed._replace(labels=labels)
+    return packed._replace(labels=packed.labels.float(), host=host_packed)

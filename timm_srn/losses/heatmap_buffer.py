@@ -152,10 +152,13 @@ class HeatmapBuffer(nn.Module):
             boxes: torch.Tensor,
             flips: torch.Tensor,
             size: Tuple[int, int],
+            host_index: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Stored maps resampled into each crop's frame: (maps (B, C, h, w) float32, valid (B, C, h, w) bool)."""
+        """Stored maps resampled into each crop's frame: (maps (B, C, h, w) float32, valid (B, C, h, w) bool).
+        `host_index`: see `write`."""
         flips = flips.bool()
-        self.validate(index, boxes, flips)
+        if host_index is None:
+            self.validate(index, boxes, flips)
         grid = crop_to_frame_grid(boxes.float(), flips, size)
         stored = F.grid_sample(self.maps[index].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
         seen = F.grid_sample(self.seen[index][:, None].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
@@ -183,36 +186,47 @@ class HeatmapBuffer(nn.Module):
             momentum: float,
             class_scores: Optional[torch.Tensor] = None,
             positives: Optional[torch.Tensor] = None,
+            host_index: Optional[torch.Tensor] = None,
     ) -> None:
         """EMA-update the buffer with crop maps (B, C, h, w): stored = momentum * stored + (1 - momentum) * new
         inside each crop box; cells seen for the first time take the new value. Rows with non-finite maps are
         skipped and counted in `skipped_rows`. `class_scores` / `positives` (B, C) choose a sample's classes
-        in top-k mode at its first write (default scores: the maps' spatial mean)."""
+        in top-k mode at its first write (default scores: the maps' spatial mean).
+
+        `host_index`: a CPU copy of `index` whose rows (index and boxes) the caller has checked with `validate`,
+        as `SpatialConsistencyLoss` does on its one host copy of the target: the call then needs no GPU
+        synchronisation (single process)."""
         flips = flips.bool()
-        self.validate(index, boxes, flips, maps)
-        index, maps, boxes, flips, class_scores, positives = self._gather(index, maps, boxes, flips, class_scores, positives)
+        if host_index is None:
+            self.validate(index, boxes, flips, maps)
+        gathered = self._gather(index, maps, boxes, flips, class_scores, positives)
+        if gathered[0] is not index:  # all ranks' rows: the host copy no longer describes them
+            host_index = None
+        index, maps, boxes, flips, class_scores, positives = gathered
         finite = torch.isfinite(maps).flatten(1).all(1)
         self.skipped_rows += (~finite).sum()
         if self.class_ids is not None and class_scores is None:
             class_scores = maps.float().mean(dim=(2, 3))  # top-k default: the maps' spatial mean
-        index, maps, boxes, flips = index[finite], maps[finite].float(), boxes[finite].float(), flips[finite]
-        if class_scores is not None:
-            class_scores = class_scores[finite]
-        if positives is not None:
-            positives = positives[finite]
-        grid, region = frame_to_crop_grid(boxes, flips, self.size)
+        maps = torch.where(finite[:, None, None, None], maps.float(), 0.)  # skipped rows write nothing (region)
+        grid, region = frame_to_crop_grid(boxes.float(), flips, self.size)
+        region = region & finite[:, None, None]
         current = F.grid_sample(maps, grid, mode='bilinear', padding_mode='border', align_corners=False)
         rank = _occurrence_rank(index)
-        for occurrence in range(int(rank.max()) + 1 if len(rank) else 0):
+        num_occurrences = int((_occurrence_rank(host_index) if host_index is not None else rank).max()) + 1 \
+            if len(rank) else 0
+        if num_occurrences == 1:  # no repeated sample: one update of all rows, no boolean row selection
+            self._ema_update(index, current, region, momentum, class_scores, positives, finite)
+            return
+        for occurrence in range(num_occurrences):
             rows = rank == occurrence
             self._ema_update(index[rows], current[rows], region[rows], momentum,
                              None if class_scores is None else class_scores[rows],
-                             None if positives is None else positives[rows])
+                             None if positives is None else positives[rows], finite[rows])
 
-    def _ema_update(self, index, current, region, momentum, class_scores, positives):
+    def _ema_update(self, index, current, region, momentum, class_scores, positives, finite):
         """One EMA update for unique indices."""
         if self.class_ids is not None:
-            current = self._select_slots(index, current, class_scores, positives)
+            current = self._select_slots(index, current, class_scores, positives, finite)
         stored = self.maps[index].float()
         seen = self.seen[index]
         region_c = region[:, None]
@@ -220,17 +234,19 @@ class HeatmapBuffer(nn.Module):
         self.maps[index] = torch.where(region_c, updated, stored).to(self.maps.dtype)
         self.seen[index] = seen | region
 
-    def _select_slots(self, index, current, class_scores, positives) -> torch.Tensor:
-        """Top-k mode: fix the class set of samples written for the first time, return their slots' maps."""
+    def _select_slots(self, index, current, class_scores, positives, finite) -> torch.Tensor:
+        """Top-k mode: fix the class set of samples written for the first time (with finite maps), return their
+        slots' maps."""
         ids = self.class_ids[index].long()
-        new = (ids < 0).all(dim=1)
+        new = (ids < 0).all(dim=1) & finite
         if new.any():
             scores = class_scores[new].float()
             if positives is not None:
                 scores = scores + positives[new].float() * 1e6  # observed positives first
             ids[new] = scores.topk(self.classes_per_sample, dim=1).indices
             self.class_ids[index[new]] = ids[new].to(self.class_ids.dtype)
-        return current.gather(1, ids[:, :, None, None].expand(-1, -1, *current.shape[-2:]))
+        # rows left without classes (non-finite first writes) gather slot 0; their region is empty
+        return current.gather(1, ids.clamp(min=0)[:, :, None, None].expand(-1, -1, *current.shape[-2:]))
 
     def _gather(self, index, maps, boxes, flips, class_scores, positives):
         """All ranks' writes in rank order (identity when not distributed): the index as int64, the rest as

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.targets import FULL_BOX, PackedTarget, unpack_observed
+from ..data.targets import PackedTarget, unpack_observed
 from .heatmap_buffer import HeatmapBuffer
 from .heatmap_source import HeatmapSource
 
@@ -53,6 +53,8 @@ class SpatialConsistencyLoss(nn.Module):
         heatmap_source: SRN maps to use: 'class_maps', 'attention' or 'confidence'.
         spatial_space: Where heatmaps are stored and compared: 'prob' (sigmoid of the maps, bounded like the
             predictions; default) or 'logit' (the raw maps, unbounded: needs a much smaller spatial_weight).
+        align_crops: Locate each crop's maps in the stored whole-image maps by its crop box and flip (the paper).
+            False stores and compares them as if every crop were the whole unflipped image: an ablation only.
         device: Device of the buffers (the training device).
     """
 
@@ -71,6 +73,7 @@ class SpatialConsistencyLoss(nn.Module):
             classes_per_sample: Optional[int] = None,
             heatmap_source: str = 'class_maps',
             spatial_space: str = 'prob',
+            align_crops: bool = True,
             device: Optional[torch.device] = None,
     ):
         super().__init__()
@@ -88,6 +91,7 @@ class SpatialConsistencyLoss(nn.Module):
         self.warmup_epochs = warmup_epochs
         self.heatmap_source = heatmap_source
         self.spatial_space = spatial_space
+        self.align_crops = align_crops
         self.needs_index = consistency_weight > 0 or spatial_weight > 0 or negatives == 'en'
         # per-sample EMA predictions: a 1x1 "heatmap" of probabilities, always written with the full box
         self.predictions = HeatmapBuffer(num_samples, num_classes, (1, 1), heatmap_dtype, device) \
@@ -97,6 +101,9 @@ class SpatialConsistencyLoss(nn.Module):
         self.register_buffer('epoch', torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer('samples_seen', torch.zeros((), dtype=torch.int64, device=device))
         self._epoch_set = False
+        # host mirrors of the two counters: the warm-up test reads them every step without a GPU synchronisation
+        self._host_epoch, self._host_samples_seen = 0., 0
+        self.register_load_state_dict_post_hook(lambda module, keys: module._mirror_counters())
         self._source: Optional[HeatmapSource] = None
         self._last_terms: Dict[str, torch.Tensor] = {}
 
@@ -114,12 +121,16 @@ class SpatialConsistencyLoss(nn.Module):
 
     def set_epoch(self, epoch: float) -> None:
         self.epoch.fill_(epoch)
+        self._host_epoch = float(epoch)
         self._epoch_set = True
 
     def current_epoch(self) -> float:
         if self._epoch_set:
-            return float(self.epoch)
-        return float(self.samples_seen) / self.num_samples
+            return self._host_epoch
+        return self._host_samples_seen / self.num_samples
+
+    def _mirror_counters(self) -> None:
+        self._host_epoch, self._host_samples_seen = float(self.epoch), int(self.samples_seen)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
@@ -147,7 +158,8 @@ class SpatialConsistencyLoss(nn.Module):
             if self.spatial_space == 'prob':
                 maps = maps.sigmoid()
             if warm:
-                stored, valid = self.heatmaps.read(packed.index, packed.boxes, packed.flips, tuple(maps.shape[-2:]))
+                stored, valid = self.heatmaps.read(packed.index, *self._heatmap_frame(packed), tuple(maps.shape[-2:]),
+                                                   host_index=packed.host.index)
                 squared = (maps - stored).pow(2) * valid
                 terms['spatial'] = self.spatial_weight * squared.sum() / max(valid[:, :1].numel() * self.num_classes, 1)
         loss = sum(terms.values())
@@ -169,32 +181,44 @@ class SpatialConsistencyLoss(nn.Module):
                              f'{tuple(output.shape)}.')
         if packed.index is None:
             return
-        # both buffers hold the same samples: one check of index and boxes, plus the heatmap shape if any
+        # both buffers hold the same samples: one check of index and boxes (on the host copy), plus the heatmap
+        # shape if any
+        host = packed.host
         if self.heatmaps is not None:
-            self.heatmaps.validate(packed.index, packed.boxes, packed.flips, maps)
+            self.heatmaps.validate(host.index, host.boxes, host.flips, maps)
         elif self.predictions is not None:
-            self.predictions.validate(packed.index, packed.boxes, packed.flips)
+            self.predictions.validate(host.index, host.boxes, host.flips)
 
     def _read_predictions(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.predictions is None or packed.index is None:
             empty = torch.zeros_like(packed.labels, dtype=torch.float32)
             return empty, empty.bool()
-        probs, valid = self.predictions.read(packed.index, *_whole_image(packed), (1, 1))
+        probs, valid = self.predictions.read(packed.index, *_whole_image(packed), (1, 1), host_index=packed.host.index)
         return probs.flatten(1), valid.flatten(1)
+
+    def _heatmap_frame(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(boxes, flips) locating the current maps in the stored ones: the crop's, or with `align_crops=False`
+        (an ablation) the whole image, as if every crop were the full unflipped image."""
+        return (packed.boxes, packed.flips) if self.align_crops else _whole_image(packed)
 
     @torch.no_grad()
     def _update(self, packed: PackedTarget, logits: torch.Tensor, observed: torch.Tensor, maps: Optional[torch.Tensor]):
         self.samples_seen += len(logits) * _world_size()
+        self._host_samples_seen += len(logits) * _world_size()
         if packed.index is None:
             return
         probs = logits.sigmoid()
         if self.predictions is not None:
-            self.predictions.write(packed.index, probs[:, :, None, None], *_whole_image(packed), self.momentum)
+            self.predictions.write(packed.index, probs[:, :, None, None], *_whole_image(packed), self.momentum,
+                                   host_index=packed.host.index)
         if self.heatmaps is not None:
-            self.heatmaps.write(packed.index, maps.detach(), packed.boxes, packed.flips, self.momentum,
-                                class_scores=probs, positives=observed)
+            self.heatmaps.write(packed.index, maps.detach(), *self._heatmap_frame(packed), self.momentum,
+                                class_scores=probs, positives=observed, host_index=packed.host.index)
 
 
 def _whole_image(packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(boxes, flips) of the whole original image without flip: the frame of the per-sample predictions."""
-    return packed.boxes.new_tensor(FULL_BOX).expand(len(packed.index), 4), torch.zeros_like(packed.flips)
+    """(boxes, flips) of the whole original image without flip: the frame of the per-sample predictions. Filled on
+    the device (a host-made box would be a copy to the GPU each step)."""
+    boxes = torch.zeros_like(packed.boxes)
+    boxes[:, 2:] = 1.
+    return boxes, torch.zeros_like(packed.flips)

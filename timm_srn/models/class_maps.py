@@ -59,20 +59,27 @@ def token_grid(model: nn.Module, image_size: Tuple[int, int], num_tokens: int) -
 
 
 @contextmanager
-def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in training mode normalise as usual but keep their running statistics, so heads with
-    BatchNorm (LeViT, mobile nets) do not learn statistics of single positions from the class maps."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-             and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.
+def frozen_norm_statistics() -> Iterator[None]:
+    """BatchNorm layers that run inside the context in training mode normalise as usual but keep their running
+    statistics, so heads with BatchNorm (LeViT, mobile nets) do not learn statistics of single positions from the
+    class maps. Only the layers that do run are touched (none for a pooled linear head), found by a forward
+    pre-hook held for the context's duration."""
+    saved = {}
+
+    def freeze(module: nn.Module, args) -> None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats \
+                and module not in saved:
+            saved[module] = (module.momentum, module.num_batches_tracked.clone())
+            module.momentum = 0.
+
+    handle = nn.modules.module.register_module_forward_pre_hook(freeze)
     try:
         yield
     finally:
-        for m, (momentum, count) in zip(norms, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
+        handle.remove()
+        for module, (momentum, count) in saved.items():
+            module.momentum = momentum
+            module.num_batches_tracked.copy_(count)
 
 
 def class_activation_maps(
@@ -116,6 +123,9 @@ def class_activation_maps(
         folded = tokens.reshape(batch * height * width, 1, dim).expand(-1, num_prefix_tokens + 1, -1)
     else:
         return None
-    with frozen_norm_statistics(model):
+    # the head runs in the precision the features were computed in: autocast's, also when the caller (a criterion
+    # called after the autocast block) is outside it
+    low_precision = folded.dtype in (torch.float16, torch.bfloat16)
+    with frozen_norm_statistics(), torch.autocast(folded.device.type, dtype=folded.dtype, enabled=low_precision):
         logits = head(folded)
     return logits.reshape(batch, height, width, -1).permute(0, 3, 1, 2)

@@ -125,8 +125,18 @@ class SpatialRegularizer(nn.Module):
             weighted_maps = F.interpolate(weighted_maps, size=self.map_size, mode='bilinear', align_corners=False)
         x = self.act1(self.bn1(self.conv1(weighted_maps)))
         x = self.act2(self.bn2(self.conv2(x)))
-        x = self.act3(self.bn3(self.conv3(x)))
+        x = self.act3(self.bn3(self.full_map_conv(x)))
         return self.fc(x.flatten(1))
+
+    def full_map_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """`conv3` (grouped, kernel = the whole map) as one batched matrix product over the groups: the same
+        numbers as the convolution, without cuDNN's slow path for large grouped kernels (GPU, channels_last)."""
+        weight = self.conv3.weight  # (out, in / groups, h, w)
+        groups = self.conv3.groups
+        batch = x.shape[0]
+        x = x.reshape(batch, groups, -1).transpose(0, 1)  # (groups, B, in / groups * h * w)
+        w = weight.reshape(groups, weight.shape[0] // groups, -1).transpose(1, 2).to(x.dtype)
+        return torch.bmm(x, w).transpose(0, 1).reshape(batch, -1, 1, 1)
 
 
 def _get_optional_submodule(module: nn.Module, name: str) -> Optional[nn.Module]:
