@@ -6,7 +6,7 @@ maps (Swin, MambaOut, Hiera-det), and token sequences with or without prefix tok
 VOLO, LeViT, Twins, MViT-v2, ...).
 """
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
@@ -125,7 +125,8 @@ def class_activation_maps(
         return None
     # the head runs in the precision the features were computed in: autocast's, also when the caller (a criterion
     # called after the autocast block) is outside it
-    low_precision = folded.dtype in (torch.float16, torch.bfloat16)
-    with frozen_norm_statistics(), torch.autocast(folded.device.type, dtype=folded.dtype, enabled=low_precision):
+    precision = torch.autocast(folded.device.type, dtype=folded.dtype) \
+        if folded.dtype in (torch.float16, torch.bfloat16) else nullcontext()
+    with frozen_norm_statistics(), precision:
         logits = head(folded)
     return logits.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
