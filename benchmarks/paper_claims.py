@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import save
+from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
 from timm_srn.checkpoint import create_model_from_checkpoint, write_atomic
@@ -122,7 +124,7 @@ def object_boxes(finetune: Path) -> Dict[str, Dict[int, Tuple[float, float, floa
 # --- training -----------------------------------------------------------------------------------------------------
 
 def _backbone_kwargs(weights: Optional[Path], extra: Dict[str, Any]) -> Dict[str, Any]:
-    kwargs = dict(dict(output_stride=CONFIG['output_stride']), **extra)
+    kwargs = {'output_stride': CONFIG['output_stride'], **extra}
     if weights is not None:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
     return kwargs
@@ -163,7 +165,6 @@ def pretrain(out: Path, pretrain_data: Path, args: argparse.Namespace) -> Path:
     weights = out / 'pretrained' / 'test_resnet_os16_objects.safetensors'
     if weights.exists():
         return weights
-    from safetensors.torch import save
     output = out / 'pretrained' / 'run'
     argv = train_argv(pretrain_data, output, 0, 'plain', 'bce', {}, _backbone_kwargs(None, {}),
                       CONFIG['pretrain_epochs'], args)
@@ -176,10 +177,14 @@ def pretrain(out: Path, pretrain_data: Path, args: argparse.Namespace) -> Path:
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
+def _predict(model: torch.nn.Module, dataset, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`predict` over a dataset yielding (image, target, mask, index)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=2)
+    return predict(model, loader, device, progress=False)
+
+
 def class_aps(model: torch.nn.Module, dataset, device: torch.device) -> np.ndarray:
-    loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=2)
-    scores, targets, masks = predict(model, loader, device, progress=False)
-    return average_precision(scores, targets, masks).numpy() * 100
+    return average_precision(*_predict(model, IndexedDataset(dataset), device)).numpy() * 100
 
 
 class CropSet(torch.utils.data.Dataset):
@@ -210,15 +215,16 @@ def cropped_out_set(train, observed: np.ndarray, boxes, transform) -> CropSet:
     """Fixed RandomResizedCrop boxes (scale 0.08-1, seed 0) of the training images that leave less than
     `cropped_out_below` of the observed positive's box visible. Labels of a crop: classes with at least
     `visible_from` of their box visible are positive, classes not in view at all negative, the rest unknown."""
-    from torchvision.transforms import RandomResizedCrop
     generator = torch.Generator().manual_seed(0)
+    canvas = torch.empty(1, 1000, 1000)  # crop boxes in thousandths of the image
     crops, targets, masks = [], [], []
     for row in range(len(train)):
         image_boxes = boxes[train.samples[row].name]
         (positive,) = np.flatnonzero(observed[row])
         for _ in range(CONFIG['crops_per_image']):
-            torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=generator)))
-            top, left, h, w = RandomResizedCrop.get_params(torch.empty(1, 1000, 1000), CONFIG['scale'], (3 / 4, 4 / 3))
+            with torch.random.fork_rng(devices=[]):  # get_params draws from the global generator: leave it as it was
+                torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=generator)))
+                top, left, h, w = RandomResizedCrop.get_params(canvas, CONFIG['scale'], (3 / 4, 4 / 3))
             crop = (left / 1000, top / 1000, (left + w) / 1000, (top + h) / 1000)
             if visible_fraction(image_boxes[positive], crop) >= CONFIG['cropped_out_below']:
                 continue
@@ -231,8 +237,7 @@ def cropped_out_set(train, observed: np.ndarray, boxes, transform) -> CropSet:
 
 
 def crop_analysis(model: torch.nn.Module, crop_set: CropSet, device: torch.device) -> Dict[str, float]:
-    loader = torch.utils.data.DataLoader(crop_set, batch_size=64, num_workers=2)
-    scores, targets, masks = predict(model, loader, device, progress=False)
+    scores, targets, masks = _predict(model, crop_set, device)
     correct = ((scores >= 0.5) == targets.bool()) & masks.bool()
     return dict(crop_mAP=float(np.nanmean(average_precision(scores, targets, masks).numpy()) * 100),
                 crop_accuracy=float(correct.sum() / masks.sum() * 100), crops=len(crop_set))
@@ -413,9 +418,9 @@ def readme_block(readme: Path) -> str:
     return readme.read_text().partition(README_START)[2].partition(README_END)[0].lstrip('\n')
 
 
-def write_report(out: Path, runs: Dict[str, Dict[int, Dict[str, Any]]], device: str, minutes: float,
-                 publish: bool) -> Dict[str, Any]:
-    results = dict(config=CONFIG, device=device, minutes=minutes, settings=aggregate(runs))
+def write_report(out: Path, runs: Dict[str, Dict[int, Dict[str, Any]]], config: Dict[str, Any], device: str,
+                 minutes: float, publish: bool) -> Dict[str, Any]:
+    results = dict(config=config, device=device, minutes=minutes, settings=aggregate(runs))
     table = markdown(results)
     folders = [out] + ([RESULTS_DIR] if publish else [])
     for folder in folders:
@@ -449,7 +454,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    CONFIG['seeds'] = tuple(args.seeds)
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)  # train.py's INFO lines go to each run's train.log, not the console
     logging.basicConfig(level=logging.INFO, handlers=[console])
@@ -477,7 +481,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if seeds:
             runs[name] = seeds
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else dict(minutes=0., device=device_name(device))
-    results = write_report(out, runs, timing['device'], timing['minutes'], args.publish)
+    config = dict(CONFIG, seeds=tuple(args.seeds))
+    results = write_report(out, runs, config, timing['device'], timing['minutes'], args.publish)
     print(markdown(results))
     return results
 

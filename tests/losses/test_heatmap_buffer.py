@@ -73,6 +73,18 @@ def test_duplicate_indices_apply_in_batch_order():
     torch.testing.assert_close(buf.maps[0, :, 0, 0], torch.full((3,), 2.25))
 
 
+@pytest.mark.parametrize('index', [[0, 0, 0], [2, 0, 2], [1, 3, 2]])
+def test_host_index_counts_repeats_like_the_device_index(index):
+    """The criterion's path (a validated host copy of the index) applies the same updates, repeats included."""
+    maps = torch.tensor([1., 2., 3.]).view(3, 1, 1, 1).expand(3, 3, 1, 1)
+    index = torch.tensor(index)
+    buffers = [_buffer(size=(1, 1)) for _ in range(2)]
+    for buf, host_index in zip(buffers, (None, index.clone())):
+        buf.write(index, maps, FULL.expand(3, 4), torch.zeros(3, dtype=torch.bool), momentum=0.5, host_index=host_index)
+    torch.testing.assert_close(buffers[1].maps, buffers[0].maps)
+    assert torch.equal(buffers[1].seen, buffers[0].seen)
+
+
 def test_bad_input_raises_before_any_write():
     buf = _buffer()
     maps, flip = torch.zeros(1, 3, 2, 2), torch.tensor([False])

@@ -211,12 +211,13 @@ class HeatmapBuffer(nn.Module):
         grid, region = frame_to_crop_grid(boxes.float(), flips, self.size)
         region = region & finite[:, None, None]
         current = F.grid_sample(maps, grid, mode='bilinear', padding_mode='border', align_corners=False)
-        rank = _occurrence_rank(index)
-        num_occurrences = int((_occurrence_rank(host_index) if host_index is not None else rank).max()) + 1 \
-            if len(rank) else 0
+        # repeated samples are counted on the host copy when there is one (no GPU synchronisation)
+        rank = _occurrence_rank(index if host_index is None else host_index)
+        num_occurrences = int(rank.max()) + 1 if len(rank) else 0
         if num_occurrences == 1:  # no repeated sample: one update of all rows, no boolean row selection
             self._ema_update(index, current, region, momentum, class_scores, positives, finite)
             return
+        rank = rank.to(index.device)
         for occurrence in range(num_occurrences):
             rows = rank == occurrence
             self._ema_update(index[rows], current[rows], region[rows], momentum,

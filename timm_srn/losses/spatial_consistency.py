@@ -203,8 +203,9 @@ class SpatialConsistencyLoss(nn.Module):
 
     @torch.no_grad()
     def _update(self, packed: PackedTarget, logits: torch.Tensor, observed: torch.Tensor, maps: Optional[torch.Tensor]):
-        self.samples_seen += len(logits) * _world_size()
-        self._host_samples_seen += len(logits) * _world_size()
+        seen = len(logits) * _world_size()
+        self.samples_seen += seen
+        self._host_samples_seen += seen
         if packed.index is None:
             return
         probs = logits.sigmoid()
