@@ -19,6 +19,21 @@ def test_readme_block_is_the_rendering_of_the_committed_results():
     assert all(len(s['seeds']) == 3 for s in results['settings'].values())
 
 
+def test_study_backbone_gives_7x7_class_maps():
+    """The issue's bar: class maps of at least 7x7 at the study's input size, for the plain model and SRN."""
+    import timm
+    import torch
+    from timm_srn.models.class_maps import class_activation_maps
+    cfg = paper_claims.CONFIG
+    size = (cfg['img_size'], cfg['img_size'])
+    x = torch.randn(1, 3, *size)
+    plain = timm.create_model(cfg['backbone'], num_classes=10, output_stride=cfg['output_stride'])
+    assert class_activation_maps(plain, plain.forward_features(x), size, plain.forward_head).shape[-2:] == (7, 7)
+    srn = timm.create_model('srn_test_resnet', num_classes=10, img_size=cfg['img_size'], tap_index=3,
+                            backbone_kwargs=dict(output_stride=cfg['output_stride'])).eval()
+    assert srn.forward_branches(x).class_maps.shape[-2:] == (7, 7)
+
+
 def test_visible_fraction_by_hand():
     assert paper_claims.visible_fraction((0., 0., .5, .5), (0., 0., 1., 1.)) == 1.
     assert paper_claims.visible_fraction((0., 0., .5, .5), (.25, 0., 1., 1.)) == pytest.approx(.5)
