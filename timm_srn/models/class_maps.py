@@ -123,10 +123,12 @@ def class_activation_maps(
         folded = tokens.reshape(batch * height * width, 1, dim).expand(-1, num_prefix_tokens + 1, -1)
     else:
         return None
-    # the head runs in the precision the features were computed in: autocast's, also when the caller (a criterion
-    # called after the autocast block) is outside it
-    precision = torch.autocast(folded.device.type, dtype=folded.dtype) \
-        if folded.dtype in (torch.float16, torch.bfloat16) else nullcontext()
+    # low-precision features from float weights came from an autocast forward: the head runs in that precision
+    # too, also when the caller (a criterion called after the autocast block) is outside it
+    weight = next(model.parameters(), None)
+    autocast_forward = folded.dtype in (torch.float16, torch.bfloat16) and weight is not None \
+        and weight.dtype != folded.dtype
+    precision = torch.autocast(folded.device.type, dtype=folded.dtype) if autocast_forward else nullcontext()
     with frozen_norm_statistics(), precision:
         logits = head(folded)
     return logits.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
