@@ -47,7 +47,7 @@ from timm_srn.checkpoint import (
     write_atomic)
 from timm_srn.data import (
     DATASET_NAMES, PackedTargetDataset, create_dataset, find_unreadable, load_observed_labels, protocol_split,
-    save_observed_labels)
+    require_label_flip, save_observed_labels)
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform, predict
 from timm_srn.losses import SINGLE_POSITIVE_LOSSES, SRNStageLoss, create_single_positive_loss, loss_options
 from timm_srn.task import load_criterion_state
@@ -114,12 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default=[], type=_kv, help='extra create_model args, key=value')
     g.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights (timm / Hub)')
     g.add_argument('--pretrained-backbone', action='store_true', help='SRN: timm pretrained weights for the backbone')
+    g.add_argument('--backbone-file', default=None, metavar='PATH',
+                   help='weights file (safetensors / .pth) of the backbone architecture, e.g. ImageNet weights: a plain '
+                        "model loads it as its pretrained weights (new classifier), SRN as its backbone's; "
+                        "through timm's pretrained_cfg_overlay=dict(file=PATH)")
     g.add_argument('--num-classes', type=int, default=None, help='must match the dataset when given')
     g.add_argument('--img-size', type=int, default=128, help='training and evaluation input size (square)')
     g.add_argument('--srn-stage', default=None, choices=('1', '2', '3', '4', 'all'),
-                   help="SRN's training stage (1 backbone + f_cls, 2 f_att, 3 f_sr, 4 all); 'all' runs 1-4 in turn")
+                   help="SRN's training stage (1 backbone + f_cls, 2 f_att, 3 f_sr, 4 all jointly); 'all' runs 1-4 in "
+                        "turn. SRN models default to 4 with full labels: every branch trained from the first epoch")
     g.add_argument('--stage4-loss', default='paper', choices=('paper', 'released'),
                    help='stage 4 terms: paper BCE(y)+BCE(y_att); released BCE(y_cls)+BCE(y_att)+BCE(y_sr)')
+    g.add_argument('--stage-epochs', type=int, nargs=4, default=None, metavar=('E1', 'E2', 'E3', 'E4'),
+                   help="--srn-stage all: epochs of stages 1-4 (default: --epochs each)")
+    g.add_argument('--stage-lr', type=float, nargs=4, default=None, metavar=('LR1', 'LR2', 'LR3', 'LR4'),
+                   help="--srn-stage all: peak learning rates of stages 1-4 (default: --lr each)")
     g = p.add_argument_group('loss')
     g.add_argument('--loss', default='bce', choices=LOSSES, metavar='NAME',
                    help='full labels (timm): ' + ', '.join(MULTI_LABEL_LOSS_TYPES) +
@@ -130,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0., help='mixup alpha (full-label losses only)')
     g.add_argument('--cutmix', type=float, default=0., help='cutmix alpha (full-label losses only)')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=8, help='epochs (per stage with --srn-stage all)')
+    g.add_argument('--epochs', type=int, default=8, help='epochs (per stage with --srn-stage all, unless --stage-epochs)')
     g.add_argument('--batch-size', type=int, default=32, help='per process')
     g.add_argument('--opt', default='adamw', help='any timm optimizer name (timm.optim.create_optimizer_v2)')
     g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
     g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
     g.add_argument('--sched', default='cosine', help='any timm scheduler name (timm.scheduler.create_scheduler_v2)')
-    g.add_argument('--warmup-epochs', type=int, default=1, help='learning-rate warm-up epochs')
+    g.add_argument('--warmup-epochs', type=int, default=1,
+                   help='learning-rate warm-up epochs (once, at the start of the first stage)')
     g.add_argument('--grad-accum-steps', type=int, default=1, help='batches per optimizer step')
     g.add_argument('--model-ema', action='store_true', help='also keep and evaluate an EMA of the weights')
     g.add_argument('--model-ema-decay', type=float, default=0.998, help='decay of --model-ema')
@@ -183,12 +193,22 @@ def create_model(args, num_classes: int) -> nn.Module:
     if not args.model.startswith('hf-hub:') and not timm.is_model(base):
         raise SetupError(f"unknown model '{args.model}' (not registered with timm; see timm.list_models())")
     kwargs = dict(args.model_kwargs)
+    pretrained = args.pretrained
+    if args.backbone_file and not Path(args.backbone_file).is_file():
+        raise SetupError(f'--backbone-file {args.backbone_file}: no such file')
     if is_srn_name(args.model):
         kwargs.setdefault('img_size', args.img_size)
-        if args.pretrained_backbone:
+        if args.pretrained_backbone or args.backbone_file:
             kwargs['pretrained_backbone'] = True
+        if args.backbone_file:
+            backbone_kwargs = kwargs['backbone_kwargs'] = dict(kwargs.get('backbone_kwargs') or {})
+            backbone_kwargs['pretrained_cfg_overlay'] = dict(backbone_kwargs.get('pretrained_cfg_overlay') or {},
+                                                             file=args.backbone_file)
+    elif args.backbone_file:
+        pretrained = True
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=args.backbone_file)
     try:
-        return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes, **kwargs)
+        return timm.create_model(args.model, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (ValueError, TypeError, RuntimeError) as e:
         raise SetupError(f"cannot create model '{args.model}': {e}") from e
 
@@ -322,11 +342,23 @@ def collective_timeout(seconds: float):
 
 
 def stages_to_run(args) -> List[Optional[int]]:
+    """SRN stages of this run. SRN models default to stage 4 with full labels, so every branch (y_cls, y_att, y_sr)
+    is trained; single-positive criteria see the fused output only (no stage)."""
     if args.srn_stage is None:
-        return [None]
+        return [4] if is_srn_name(args.model) and args.loss not in SINGLE_POSITIVE_LOSSES else [None]
     if not is_srn_name(args.model):
         raise SetupError(f'--srn-stage needs an SRN model, got {args.model}')
     return [1, 2, 3, 4] if args.srn_stage == 'all' else [int(args.srn_stage)]
+
+
+def stage_schedule(args, stage_index: int) -> Dict[str, float]:
+    """Epochs, peak learning rate and warm-up of a stage: --stage-epochs / --stage-lr with --srn-stage all,
+    one warm-up at the start of the first stage only."""
+    staged = args.srn_stage == 'all'
+    return dict(
+        epochs=args.stage_epochs[stage_index] if staged and args.stage_epochs else args.epochs,
+        lr=args.stage_lr[stage_index] if staged and args.stage_lr else args.lr,
+        warmup_epochs=args.warmup_epochs if stage_index == 0 else 0)
 
 
 def checkpoint_state(args, model, optimizer, scheduler, criterion, ema, stage_index, epoch, step, best, metrics):
@@ -416,6 +448,10 @@ def run(args) -> Dict[str, Any]:
     if args.max_val_images:
         official_val = official_val.subset(range(min(args.max_val_images, len(official_val))))
     num_classes = train_full.num_classes
+    try:
+        require_label_flip(train_full, args.hflip)
+    except ValueError as e:
+        raise SetupError(f'--hflip {args.hflip:g}: {e}') from e
     if args.num_classes is not None and args.num_classes != num_classes:
         raise SetupError(f'--num-classes {args.num_classes} differs from the {num_classes} classes of {args.dataset}')
     single_positive = args.loss in SINGLE_POSITIVE_LOSSES
@@ -498,15 +534,16 @@ def run(args) -> Dict[str, Any]:
             model.set_stage(stage)
         criterion = first_criterion if stage_index == start_stage else \
             build_criterion(args, model, len(train_data), num_classes, stage)
-        optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+        schedule = stage_schedule(args, stage_index)
+        optimizer = create_optimizer_v2(model, opt=args.opt, lr=schedule['lr'], weight_decay=args.weight_decay)
         if isinstance(criterion, nn.Module) and any(p.requires_grad for p in criterion.parameters()):
             # ROLE's label estimates train at their own multiple of the learning rate (Cole et al.: 10x)
-            lr = args.lr * getattr(criterion, 'lr_multiplier', 1.)
+            lr = schedule['lr'] * getattr(criterion, 'lr_multiplier', 1.)
             optimizer.add_param_group(dict(params=list(criterion.parameters()), lr=lr, weight_decay=0.))
         probe_loader = make_loader(train_data, args, train=True)
         updates_per_epoch = math.ceil(len(probe_loader) / args.grad_accum_steps)
         scheduler, num_epochs = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            optimizer, sched=args.sched, num_epochs=schedule['epochs'], warmup_epochs=schedule['warmup_epochs'],
             step_on_epochs=False, updates_per_epoch=updates_per_epoch)
         step = 0
         first_epoch = 0
@@ -581,15 +618,15 @@ def add_pseudo_labels(args, model, criterion, train_set, observed, transform, am
 
 
 def metrics_table(history: List[Dict[str, Any]], summary: Dict[str, Any]) -> str:
-    """Every evaluation of the run (and the test split) as a fixed-width table."""
-    header = f"{'epoch':>6} {'stage':>5} " + ' '.join(f'{c:>12}' for c in METRIC_COLUMNS)
+    """Every evaluation of the run (and the test split) as a fixed-width table; SRN adds each branch's mAP."""
+    columns = METRIC_COLUMNS + tuple(c for c in history[0]['eval'] if c.startswith('mAP_')) if history else METRIC_COLUMNS
+    header = f"{'epoch':>6} {'stage':>5} " + ' '.join(f'{c:>12}' for c in columns)
     lines = [header, '-' * len(header)]
-    for record in history:
-        name = 'init' if record['epoch'] < 0 else str(record['epoch'])
-        lines.append(f"{name:>6} {str(record.get('stage') or '-'):>5} " +
-                     ' '.join(f"{record['eval'][c]:12.2f}" for c in METRIC_COLUMNS))
+    rows = [('init' if r['epoch'] < 0 else str(r['epoch']), str(r.get('stage') or '-'), r['eval']) for r in history]
     if 'test' in summary:
-        lines.append(f"{'test':>6} {'-':>5} " + ' '.join(f"{summary['test'][c]:12.2f}" for c in METRIC_COLUMNS))
+        rows.append(('test', '-', summary['test']))
+    for name, stage, metrics in rows:
+        lines.append(f"{name:>6} {stage:>5} " + ' '.join(f"{metrics[c]:12.2f}" for c in columns))
     return '\n'.join(lines)
 
 

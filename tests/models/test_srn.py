@@ -85,6 +85,29 @@ def test_frozen_groups_keep_norm_statistics():
     torch.testing.assert_close(model.backbone.bn1.running_mean, before)
 
 
+def test_stage_one_trains_exactly_what_the_plain_model_trains():
+    """SRN at stage 1 and the plain backbone from the same weights: one AdamW step on the same batch leaves the
+    backbone and the classifier equal, and the SRN heads untouched."""
+    from timm.optim import create_optimizer_v2
+    srn = _tiny()
+    plain = timm.create_model('test_resnet', num_classes=5)
+    plain.load_state_dict({**{k: v for k, v in srn.backbone.state_dict().items()},
+                           'fc.weight': srn.fc.weight, 'fc.bias': srn.fc.bias})
+    heads = {k: v.clone() for k, v in srn.state_dict().items() if k.startswith(('attention.', 'regularizer.'))}
+    srn.set_stage(1)
+    images, target = torch.randn(4, 3, 160, 160), torch.randint(0, 2, (4, 5)).float()
+    for model, loss_fn in ((srn, lambda m: srn_stage_loss(m.forward_branches(images), target, 1)),
+                           (plain, lambda m: F.binary_cross_entropy_with_logits(m(images), target))):
+        optimizer = create_optimizer_v2(model, opt='adamw', lr=1e-2, weight_decay=0.05)
+        model.train()
+        loss_fn(model).backward()
+        optimizer.step()
+    trained = srn.state_dict()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(trained[key if key.startswith('fc.') else f'backbone.{key}'], value, rtol=0, atol=0)
+    assert all(torch.equal(trained[k], v) for k, v in heads.items())
+
+
 def test_stage_losses():
     out = _tiny().eval().forward_branches(torch.randn(2, 3, 160, 160))
     target = torch.tensor([[1., 0, 0, 1, 0], [0, 1, 0, 0, 0]])

@@ -95,10 +95,27 @@ def test_role_estimates_train_at_ten_times_the_learning_rate(synthetic_dir, tmp_
     assert groups[-1]['initial_lr'] == pytest.approx(10 * groups[0]['initial_lr']) and groups[-1]['weight_decay'] == 0
 
 
-def test_srn_stages_all_run_in_sequence(synthetic_dir, tmp_path, train_script):
-    result = train_script.main(_args(synthetic_dir, tmp_path, '--epochs', '1', '--srn-stage', 'all', '--num-viz', '0',
-                                     '--max-train-images', '64'))
-    assert [r['stage'] for r in result['history'][1:]] == [1, 2, 3, 4]
+def test_srn_stages_all_run_in_sequence_with_their_own_epochs_and_rates(synthetic_dir, tmp_path, train_script):
+    result = train_script.main(_args(synthetic_dir, tmp_path, '--srn-stage', 'all', '--num-viz', '0',
+                                     '--max-train-images', '64', '--stage-epochs', '1', '2', '1', '1',
+                                     '--stage-lr', '1e-3', '4e-3', '2e-3', '5e-4', '--sched', 'step'))
+    assert [r['stage'] for r in result['history'][1:]] == [1, 2, 2, 3, 4]
+    # step schedule (no decay within 2 epochs): each stage ends at its own rate; no warm-up after stage 1
+    assert [r['lr'] for r in result['history'][2:]] == pytest.approx([4e-3, 4e-3, 2e-3, 5e-4])
+    args = train_script.parse_args(['--srn-stage', 'all', '--warmup-epochs', '2', '--stage-epochs', '3', '1', '1', '4'])
+    assert [train_script.stage_schedule(args, i) for i in (0, 1, 3)] == [
+        dict(epochs=3, lr=args.lr, warmup_epochs=2), dict(epochs=1, lr=args.lr, warmup_epochs=0),
+        dict(epochs=4, lr=args.lr, warmup_epochs=0)]
+
+
+def test_srn_trains_every_branch_by_default(synthetic_dir, tmp_path, train_script):
+    """No --srn-stage: SRN models train jointly (stage 4: BCE(y) + BCE(y_att)); the attention branch learns."""
+    result = train_script.main(_args(synthetic_dir, tmp_path, '--epochs', '2', '--num-viz', '0'))
+    first, last = result['history'][0]['eval'], result['history'][-1]['eval']
+    assert [r['stage'] for r in result['history'][1:]] == [4, 4]
+    assert last['mAP_y_att'] > first['mAP_y_att'] + 5 and last['mAP_y_cls'] > first['mAP_y_cls'] + 5
+    assert train_script.stages_to_run(train_script.parse_args(['--loss', 'spatial'])) == [None]
+    assert train_script.stages_to_run(train_script.parse_args(['--model', 'test_resnet'])) == [None]
 
 
 def _cli(*args, cwd=None):

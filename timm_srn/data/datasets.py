@@ -10,13 +10,15 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .flips import INVARIANT, ClassSwapFlip, LabelFlip, require_label_flip
+from .geometry import GeometryRecordingTransform, horizontal_flip_prob
 from .label_names import VOC_LABEL_NAMES
 
 __all__ = ['find_unreadable', 'to_rgb', 'csv_label_names', 'MultiLabelDataset', 'CocoDataset', 'VocDataset', 'NpyDataset', 'RealDataset', 'CsvDataset']
@@ -58,7 +60,13 @@ def _require(path: Path, what: str) -> Path:
 
 
 class MultiLabelDataset(torch.utils.data.Dataset):
-    """Images + (N, C) multi-hot targets; the common base of every format."""
+    """Images + (N, C) multi-hot targets; the common base of every format.
+
+    `label_flip` says what a horizontal flip does to the labels (`timm_srn.data.flips`); a training transform
+    that flips is wrapped in a `GeometryRecordingTransform`, so every flipped image gets its flipped labels.
+    `boxes` (optional, per sample (K, 5) arrays of column, x0, y0, x1, y1 in [0, 1]) feed box-based flip rules
+    and localisation measurements.
+    """
 
     def __init__(
             self,
@@ -68,18 +76,42 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             transform: Optional[Callable] = None,
             mask: Optional[np.ndarray] = None,
             skip_unreadable: bool = False,
+            boxes: Optional[Sequence[np.ndarray]] = None,
+            label_flip: Optional[LabelFlip] = INVARIANT,
     ):
         self.samples = [Path(s) for s in samples]
         self.targets = np.asarray(targets, dtype=np.float32)
         self.mask = np.ones_like(self.targets, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         self.label_names = list(label_names)
+        self.boxes = None if boxes is None else list(boxes)
+        self.label_flip = label_flip
         self.transform = transform
         self.num_skipped = 0
         if self.targets.shape != (len(self.samples), len(self.label_names)):
             raise ValueError(
                 f'targets have shape {self.targets.shape}, expected ({len(self.samples)}, {len(self.label_names)}).')
+        if self.boxes is not None and len(self.boxes) != len(self.samples):
+            raise ValueError(f'boxes are given for {len(self.boxes)} images, expected {len(self.samples)}.')
         if skip_unreadable:
             self._drop_unreadable()
+
+    @property
+    def transform(self) -> Optional[Callable]:
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform: Optional[Callable]) -> None:
+        """A flipping transform is checked against `label_flip` and, where labels can change, recorded."""
+        flip_prob = horizontal_flip_prob(transform)
+        require_label_flip(self, flip_prob)
+        if flip_prob > 0 and self.label_flip is not INVARIANT and not isinstance(transform, GeometryRecordingTransform):
+            transform = GeometryRecordingTransform(transform)
+        self._transform = transform
+
+    def flipped_labels(self, index: int, labels: np.ndarray, observed: bool = False) -> np.ndarray:
+        """Labels of sample `index` once its image is flipped horizontally (`observed`: partial labels)."""
+        require_label_flip(self, 1.)
+        return self.label_flip(labels, None if self.boxes is None else self.boxes[index], observed=observed)
 
     def _drop_unreadable(self) -> None:
         unreadable = find_unreadable(self.samples)
@@ -92,13 +124,16 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             _logger.warning(f'Skipped {self.num_skipped} unreadable images of {len(self.samples)}.')
         self.samples = [self.samples[i] for i in keep]
         self.targets, self.mask = self.targets[keep], self.mask[keep]
+        if self.boxes is not None:
+            self.boxes = [self.boxes[i] for i in keep]
 
     def subset(self, indices: Sequence[int]) -> 'MultiLabelDataset':
         """A dataset of the given rows (e.g. the single-positive protocol's train / val split)."""
         indices = list(indices)
         return MultiLabelDataset(
             [self.samples[i] for i in indices], self.targets[indices], self.label_names, self.transform,
-            mask=self.mask[indices])
+            mask=self.mask[indices], boxes=None if self.boxes is None else [self.boxes[i] for i in indices],
+            label_flip=self.label_flip)
 
     @property
     def num_classes(self) -> int:
@@ -118,10 +153,14 @@ class MultiLabelDataset(torch.utils.data.Dataset):
             raise OSError(f'Image {index} is unreadable: {path} ({e}). Skip such files with skip_unreadable=True (train.py: --skip-unreadable).') from e
 
     def __getitem__(self, index: int) -> Tuple[object, torch.Tensor]:
-        img = self.load_image(index)
-        if self.transform is not None:
+        img, target = self.load_image(index), self.targets[index]
+        if isinstance(self.transform, GeometryRecordingTransform):
+            img, (_, flip) = self.transform(img)
+            if flip:
+                target = self.flipped_labels(index, target)
+        elif self.transform is not None:
             img = self.transform(img)
-        return img, torch.from_numpy(self.targets[index])
+        return img, torch.from_numpy(np.asarray(target, dtype=np.float32))
 
 
 class CocoDataset(MultiLabelDataset):
@@ -133,9 +172,11 @@ class CocoDataset(MultiLabelDataset):
         root: Image folder (e.g. train2014/).
         ann_file: instances_*.json.
         keep_unannotated: Keep images without annotations (all-negative); False is the peers' default.
+        label_flip: What a horizontal flip does to the labels (COCO's objects: nothing).
     """
 
-    def __init__(self, root, ann_file, transform=None, keep_unannotated: bool = False, skip_unreadable: bool = False):
+    def __init__(self, root, ann_file, transform=None, keep_unannotated: bool = False, skip_unreadable: bool = False,
+                 label_flip: Optional[LabelFlip] = INVARIANT):
         from pycocotools.coco import COCO
         root = _require(Path(root), 'COCO image folder')
         ann_file = _require(Path(ann_file), 'COCO annotation file')
@@ -143,21 +184,27 @@ class CocoDataset(MultiLabelDataset):
             coco = COCO(str(ann_file))
         cat_ids = coco.getCatIds()  # the file's order
         column = {cat_id: i for i, cat_id in enumerate(cat_ids)}
-        samples, targets = [], []
+        samples, targets, boxes = [], [], []
         for image_id in sorted(coco.getImgIds(), key=str):  # text order, as the benchmark's formatting script
             anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
             if not anns and not keep_unannotated:
                 continue
+            info = coco.loadImgs(image_id)[0]
             target = np.zeros(len(cat_ids), dtype=np.float32)
-            for ann in anns:
+            image_boxes = np.zeros((len(anns), 5))
+            for row, ann in enumerate(anns):
                 if ann['category_id'] not in column:
                     raise ValueError(f"{ann_file}: annotation {ann['id']} has unknown category_id {ann['category_id']}.")
                 target[column[ann['category_id']]] = 1.
-            samples.append(root / coco.loadImgs(image_id)[0]['file_name'])
+                x, y, w, h = ann.get('bbox') or (0, 0, info['width'], info['height'])
+                image_boxes[row] = (column[ann['category_id']], x / info['width'], y / info['height'],
+                                    (x + w) / info['width'], (y + h) / info['height'])
+            samples.append(root / info['file_name'])
             targets.append(target)
+            boxes.append(image_boxes)
         names = [coco.loadCats(c)[0]['name'] for c in cat_ids]
         super().__init__(samples, np.stack(targets) if targets else np.zeros((0, len(names))), names, transform,
-                         skip_unreadable=skip_unreadable)
+                         skip_unreadable=skip_unreadable, boxes=boxes, label_flip=label_flip)
 
 
 class VocDataset(MultiLabelDataset):
@@ -273,10 +320,13 @@ def csv_label_names(csv_file) -> List[str]:
 class CsvDataset(MultiLabelDataset):
     """Users' own data: an image folder plus a CSV with columns `image` (path relative to root) and `labels`
     (label names separated by ';'). Label names come from `label_names` or, sorted, from the CSV; give every
-    split the same `label_names` (e.g. `csv_label_names(train_csv)`) so their columns agree."""
+    split the same `label_names` (e.g. `csv_label_names(train_csv)`) so their columns agree.
+
+    What a horizontal flip does to the labels is unknown (flipping refused) unless `hflip_file` is given: one
+    'A;B' pair of classes that swap under a flip per line, no line if no class depends on orientation."""
 
     def __init__(self, root, csv_file, label_names: Optional[Sequence[str]] = None, transform=None,
-                 skip_unreadable: bool = False):
+                 skip_unreadable: bool = False, hflip_file=None):
         root = _require(Path(root), 'image folder')
         parsed = _read_csv_rows(csv_file)
         names = list(label_names) if label_names else csv_label_names(csv_file)
@@ -288,5 +338,21 @@ class CsvDataset(MultiLabelDataset):
                     raise ValueError(f'{csv_file}, row {i + 2} ({image}): label {label!r} is not in the class list '
                                      f'({len(names)} labels: {", ".join(names[:10])}{"..." if len(names) > 10 else ""}).')
                 targets[i, column[label]] = 1.
+        label_flip = None if hflip_file is None else _read_hflip_file(Path(hflip_file), column)
         super().__init__([root / image for image, _ in parsed], targets, names, transform,
-                         skip_unreadable=skip_unreadable)
+                         skip_unreadable=skip_unreadable, label_flip=label_flip)
+
+
+def _read_hflip_file(path: Path, column: Dict[str, int]) -> ClassSwapFlip:
+    """A CSV dataset's flip declaration: one 'A;B' pair of class names that swap per line."""
+    pairs = []
+    for line_no, line in enumerate(_require(path, 'flip declaration').read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        names = [name.strip() for name in line.split(';')]
+        unknown = [name for name in names if name not in column]
+        if len(names) != 2 or unknown:
+            raise ValueError(f"{path}:{line_no}: expected 'A;B' with two class names of the dataset, got {line!r}"
+                             f"{f' (unknown: {unknown})' if unknown and len(names) == 2 else ''}.")
+        pairs.append((column[names[0]], column[names[1]]))
+    return ClassSwapFlip(pairs, len(column))

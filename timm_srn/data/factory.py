@@ -5,7 +5,7 @@ from typing import Callable, Optional, Union
 from .datasets import CocoDataset, CsvDataset, csv_label_names, MultiLabelDataset, NpyDataset, RealDataset, VocDataset
 from .geometry import PackedTargetDataset
 from .single_positive import protocol_split
-from .synthetic import generate_synthetic_coco
+from .synthetic import SYNTHETIC_LABEL_NAMES, generate_synthetic_coco, synthetic_label_flip
 
 __all__ = ['DATASET_NAMES', 'create_dataset', 'DEFAULT_SYNTHETIC_DIR']
 
@@ -62,7 +62,11 @@ def create_dataset(
     - nuswide, cub: formatted_{train,val}_{images,labels}.npy with image paths relative to root.
     - imagenet-real: val/ (ILSVRC2012_val_*.JPEG) and real.json; evaluation only.
     - csv: {train,val}.csv (columns image, labels) with image paths relative to root; the class list of every
-      split is classes.txt (one name a line) if present, else the sorted labels of train.csv.
+      split is classes.txt (one name a line) if present, else the sorted labels of train.csv; hflip.txt (one
+      'A;B' pair of classes that swap under a horizontal flip per line) declares flips safe, else they are refused.
+
+    Every dataset declares what a horizontal flip does to its labels (`label_flip`): the synthetic scenes
+    recompute 'ball left of dog' from the flipped boxes; COCO, VOC, NUS-WIDE, CUB and ImageNet are unchanged.
     """
     for option, value, default in (('class_map', class_map, None), ('load_bytes', load_bytes, False),
                                    ('input_img_mode', input_img_mode, 'RGB'), ('repeats', repeats, 0),
@@ -95,7 +99,8 @@ def _create(name: str, root: Optional[str], split: str, transform: Optional[Call
         if not ann_file.exists():
             num_images, seed = SYNTHETIC_SIZES[split]
             generate_synthetic_coco(root, num_images, synthetic_image_size, seed=seed, split=split)
-        return CocoDataset(root / split, ann_file, transform, **kwargs)
+        return CocoDataset(root / split, ann_file, transform, label_flip=synthetic_label_flip(SYNTHETIC_LABEL_NAMES),
+                           **kwargs)
     if root is None:
         raise ValueError(f"Dataset '{name}' needs --data-dir pointing at its files.")
     root = Path(root)
@@ -116,5 +121,6 @@ def _create(name: str, root: Optional[str], split: str, transform: Optional[Call
     classes_file = root / 'classes.txt'
     label_names = [l.strip() for l in classes_file.read_text().splitlines() if l.strip()] if classes_file.exists() \
         else csv_label_names(root / 'train.csv')
+    hflip_file = root / 'hflip.txt'
     return CsvDataset(root, root / f'{split}.csv', label_names=kwargs.pop('label_names', label_names),
-                      transform=transform, **kwargs)
+                      transform=transform, hflip_file=hflip_file if hflip_file.exists() else None, **kwargs)

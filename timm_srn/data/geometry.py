@@ -9,11 +9,26 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
+from .flips import require_label_flip
 from .targets import FULL_BOX, pack_target
 
-__all__ = ['GeometryRecordingTransform', 'PackedTargetDataset']
+__all__ = ['GeometryRecordingTransform', 'PackedTargetDataset', 'horizontal_flip_prob']
 
 Geometry = Tuple[Tuple[float, float, float, float], bool]
+
+
+def _steps(transform: Callable) -> list:
+    return list(getattr(transform, 'transforms', [transform]))
+
+
+def horizontal_flip_prob(transform: Optional[Callable]) -> float:
+    """Probability that `transform` (a timm / torchvision Compose, or a recording wrapper) flips horizontally."""
+    if transform is None:
+        return 0.
+    if isinstance(transform, GeometryRecordingTransform):
+        return transform.flip_prob
+    flip = next((s for s in _steps(transform) if isinstance(s, T.RandomHorizontalFlip)), None)
+    return flip.p if flip is not None else 0.
 
 
 class GeometryRecordingTransform:
@@ -25,7 +40,7 @@ class GeometryRecordingTransform:
     """
 
     def __init__(self, timm_transform: Callable):
-        steps = list(getattr(timm_transform, 'transforms', [timm_transform]))
+        steps = _steps(timm_transform)
         self.crop = next((s for s in steps if isinstance(s, (RandomResizedCropAndInterpolation, T.RandomResizedCrop))), None)
         flip = next((s for s in steps if isinstance(s, T.RandomHorizontalFlip)), None)
         self.flip_prob = flip.p if flip is not None else 0.
@@ -57,6 +72,7 @@ class PackedTargetDataset(torch.utils.data.Dataset):
 
     Assigning `dataset.transform = t` (as timm's `create_loader` does) wraps `t` in a
     `GeometryRecordingTransform`, the pattern of timm's AugMixDataset, so the geometry keeps being recorded.
+    A flipped image gets the wrapped dataset's `flipped_labels` (observed labels never gain a positive).
 
     Args:
         dataset: A timm_srn dataset returning (PIL image, multi-hot target); its own transform must be None.
@@ -82,6 +98,7 @@ class PackedTargetDataset(torch.utils.data.Dataset):
     def transform(self, transform: Optional[Callable]) -> None:
         if transform is not None and not isinstance(transform, GeometryRecordingTransform):
             transform = GeometryRecordingTransform(transform)
+        require_label_flip(self.dataset, horizontal_flip_prob(transform))
         self._transform = transform
 
     def __len__(self) -> int:
@@ -100,4 +117,6 @@ class PackedTargetDataset(torch.utils.data.Dataset):
         if self.observed_labels is not None:
             labels = self.observed_labels[index]
         img, (box, flip) = self._transform(img)
+        if flip:
+            labels = self.dataset.flipped_labels(index, labels, observed=self.observed_labels is not None)
         return img, pack_target(labels, index, box, flip)

@@ -10,22 +10,43 @@ Category ids have gaps (like COCO's) so the id -> column mapping is exercised.
 """
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-__all__ = ['SYNTHETIC_LABEL_NAMES', 'generate_synthetic_coco']
+from .flips import BoxRelationFlip
+
+__all__ = ['SYNTHETIC_LABEL_NAMES', 'generate_synthetic_coco', 'relation_holds', 'synthetic_label_flip']
 
 OBJECTS = ('ball', 'house', 'kite', 'dog', 'table', 'lamp', 'tree', 'car')
-RELATIONS = ('kite above house', 'ball left of dog')
-SYNTHETIC_LABEL_NAMES = OBJECTS + RELATIONS
+RELATIONS = {'kite above house': ('kite', 'house', 'above'), 'ball left of dog': ('ball', 'dog', 'left')}
+SYNTHETIC_LABEL_NAMES = OBJECTS + tuple(RELATIONS)
 CATEGORY_IDS = {name: 2 * i + 1 for i, name in enumerate(SYNTHETIC_LABEL_NAMES)}  # 1, 3, 5, ... (gaps)
 COLOURS = {
     'ball': (220, 40, 40), 'house': (40, 160, 60), 'kite': (50, 90, 230), 'dog': (230, 200, 40),
     'table': (150, 60, 200), 'lamp': (40, 210, 210), 'tree': (240, 140, 30), 'car': (120, 120, 120),
 }
+
+
+def relation_holds(kind: str, first: Sequence[float], second: Sequence[float]) -> bool:
+    """'above': the first box's centre lies above the second's and they overlap horizontally; 'left': its centre
+    lies left of the second's and they overlap vertically. Boxes (x0, y0, x1, y1) in any one unit."""
+    if kind == 'above':
+        return (first[1] + first[3]) < (second[1] + second[3]) and first[0] < second[2] and second[0] < first[2]
+    return (first[0] + first[2]) < (second[0] + second[2]) and first[1] < second[3] and second[1] < first[3]
+
+
+def synthetic_label_flip(label_names: Sequence[str]) -> BoxRelationFlip:
+    """The scenes' flip rule: relation classes recomputed from the flipped boxes by `relation_holds`
+    ('ball left of dog' mirrored is 'ball right of dog'; 'kite above house' survives a mirror)."""
+    column = {name: i for i, name in enumerate(label_names)}
+
+    def rule(first: str, second: str, kind: str):
+        return lambda boxes: any(relation_holds(kind, a, b) for a in boxes.get(column[first], ())
+                                 for b in boxes.get(column[second], ()))
+    return BoxRelationFlip({column[name]: rule(*pair) for name, pair in RELATIONS.items()})
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, name: str, box: Tuple[int, int, int, int], rng: np.random.RandomState):
@@ -82,7 +103,7 @@ def _scene(rng: np.random.RandomState, size: int) -> Tuple[Image.Image, List[Dic
     for name in names:
         placed.append((name, _place(rng, size, [b for _, b in placed], obj_size)))
     # arranged pairs: half the time with the relation, half with it broken
-    for a, b, relation in (('kite', 'house', 'above'), ('ball', 'dog', 'left')):
+    for a, b, relation in RELATIONS.values():
         if rng.rand() < 0.25:
             placed = [(n, bx) for n, bx in placed if n not in (a, b)]
             bx = rng.randint(0, size - 2 * obj_size) if relation == 'left' else rng.randint(0, size - obj_size)
@@ -98,14 +119,10 @@ def _scene(rng: np.random.RandomState, size: int) -> Tuple[Image.Image, List[Dic
         _draw_object(draw, name, box, rng)
         annotations.append((name, box))
     boxes = dict(annotations)
-    for a, b, relation_name in (('kite', 'house', 'kite above house'), ('ball', 'dog', 'ball left of dog')):
+    for relation_name, (a, b, kind) in RELATIONS.items():
         if a in boxes and b in boxes:
             ba, bb = boxes[a], boxes[b]
-            if relation_name.endswith('house'):
-                holds = (ba[1] + ba[3]) < (bb[1] + bb[3]) and ba[0] < bb[2] and bb[0] < ba[2]
-            else:
-                holds = (ba[0] + ba[2]) < (bb[0] + bb[2]) and ba[1] < bb[3] and bb[1] < ba[3]
-            if holds:
+            if relation_holds(kind, ba, bb):
                 annotations.append((relation_name, (min(ba[0], bb[0]), min(ba[1], bb[1]), max(ba[2], bb[2]), max(ba[3], bb[3]))))
     return img, [dict(name=n, box=b) for n, b in annotations]
 
