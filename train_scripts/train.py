@@ -451,7 +451,7 @@ def run(args) -> Dict[str, Any]:
     try:
         require_label_flip(train_full, args.hflip)
     except ValueError as e:
-        raise SetupError(f'--hflip {args.hflip:g}: {e}') from e
+        raise SetupError(f'--hflip {args.hflip:g}: dataset {args.dataset}: {e}') from e
     if args.num_classes is not None and args.num_classes != num_classes:
         raise SetupError(f'--num-classes {args.num_classes} differs from the {num_classes} classes of {args.dataset}')
     single_positive = args.loss in SINGLE_POSITIVE_LOSSES

@@ -114,5 +114,5 @@ def test_train_refuses_hflip_for_undeclared_data_before_any_work(tmp_path, train
         train_script.main(['--dataset', 'csv', '--data-dir', str(root), '--output', str(tmp_path / 'out'),
                            '--model', 'test_resnet', '--no-progress'])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('train.py: error: --hflip 0.5: CsvDataset does not declare'), err
+    assert len(err) == 1 and err[0].startswith('train.py: error: --hflip 0.5: dataset csv: the dataset does not declare'), err
     assert not (tmp_path / 'out' / 'metrics.jsonl').exists()

@@ -25,9 +25,10 @@ def _args(data_dir, output, *extra):
 
 @pytest.fixture
 def csv_dir(tmp_path):
-    """A small CSV dataset: 24 train / 8 val images, three labels."""
+    """A small CSV dataset: 24 train / 8 val images, three labels, none changed by a horizontal flip."""
     root = tmp_path / 'csv'
     root.mkdir()
+    (root / 'hflip.txt').write_text('')
     rng = np.random.RandomState(0)
     for split, count in (('train', 24), ('val', 8)):
         rows = []

@@ -87,6 +87,6 @@ def require_label_flip(dataset, flip_prob: float) -> None:
     """Refuse horizontal flips on a dataset that does not say what a flip does to its labels."""
     if flip_prob > 0 and getattr(dataset, 'label_flip', None) is None:
         raise ValueError(
-            f'{type(dataset).__name__} does not declare what a horizontal flip does to its labels (classes such as '
+            f'the dataset does not declare what a horizontal flip does to its labels (classes such as '
             f"'left of' would be corrupted): set hflip to 0 (train.py: --hflip 0), or declare it (CSV data: an "
             f"hflip.txt beside the CSV files, one 'A;B' pair of classes that swap per line, empty if none does).")
