@@ -6,6 +6,7 @@ from typing import Callable, Dict
 
 import torch
 
+from timm_srn.cli import HelpFormatter
 from timm_srn.evaluation import AMP_DTYPES
 
 
@@ -39,11 +40,11 @@ def device_name(device: torch.device) -> str:
 
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     """The options every benchmark takes."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--num-classes', type=int, default=80)
-    p.add_argument('--steps', type=int, default=10)
-    p.add_argument('--amp', default=None, choices=tuple(AMP_DTYPES))
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+    p.add_argument('--batch-size', type=int, default=8, help='images per step')
+    p.add_argument('--img-size', type=int, default=224, help='input size (square)')
+    p.add_argument('--num-classes', type=int, default=80, help='labels C')
+    p.add_argument('--steps', type=int, default=10, help='timed steps per candidate (after 3 warm-up steps)')
+    p.add_argument('--amp', default=None, choices=tuple(AMP_DTYPES), help='autocast dtype (none: float32)')
     return p

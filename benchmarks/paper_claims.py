@@ -40,6 +40,7 @@ from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
 from timm_srn.checkpoint import create_model_from_checkpoint, write_atomic
+from timm_srn.cli import HelpFormatter
 from timm_srn.data import SYNTHETIC_LABEL_NAMES, create_dataset, generate_synthetic_coco, protocol_split
 from timm_srn.evaluation import IndexedDataset, eval_transform, predict, predict_outputs
 from timm_srn.imagenet_weights import save_efficientnet_lite0
@@ -446,12 +447,12 @@ def write_report(out: Path, runs: Dict[str, Dict[int, Dict[str, Any]]], config: 
 # --- driver -------------------------------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--out', default='output/paper_claims', help='runs, data and reports (resumable)')
     p.add_argument('--only', nargs='+', default=None, choices=list(SETTINGS), metavar='SETTING',
                    help='run only these settings: ' + ', '.join(f"'{n}'" for n in SETTINGS))
     p.add_argument('--seeds', type=int, nargs='+', default=list(CONFIG['seeds']), help='seeds of every setting')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device of every run')
     p.add_argument('--report-only', action='store_true', help='no training: report the finished runs')
     p.add_argument('--publish', action='store_true',
                    help='also write benchmarks/results/paper_claims.{json,md,png} and the README section')

@@ -17,7 +17,7 @@ from common import AMP_DTYPES, benchmark_parser, device_name, time_interleaved
 
 def main():
     p = benchmark_parser(__doc__)
-    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format for both models')
     args = p.parse_args()
     device = torch.device(args.device)
     amp_dtype = AMP_DTYPES.get(args.amp)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    'set_default_mode',
     'CheckpointError', 'write_atomic', 'save_atomic', 'load_checkpoint_file', 'state_checksum', 'remove_stale_temporaries',
     'rng_state', 'set_rng_state', 'create_model_from_checkpoint', 'load_model']
 
@@ -56,6 +57,14 @@ def state_checksum(state: Dict[str, Any]) -> str:
     return f'sha256:{hasher.hexdigest()}'
 
 
+def set_default_mode(path: Union[str, Path]) -> None:
+    """Give `path` the usual permissions of new files, 0666 less the umask (temporary files and some writers use
+    0600, which other users of a shared output or Hub folder could not read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_atomic(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary file in the same folder, fsync, then rename it over `path`: a crash leaves
     either the previous file or the new one, never a partial file. The file gets the usual permissions of new
@@ -67,9 +76,7 @@ def write_atomic(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> N
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -187,14 +194,21 @@ _WEIGHT_SOURCES = ('local-dir:', 'hf-hub:')
 
 
 def load_model(source: Union[str, Path], pretrained: Optional[bool] = None,
-               weights: Optional[Union[str, Path]] = None, use_ema: bool = False) -> torch.nn.Module:
+               weights: Optional[Union[str, Path]] = None, use_ema: bool = False,
+               num_classes: Optional[int] = None) -> torch.nn.Module:
     """A trained model from a checkpoint file (timm-srn's or timm's train.py), a `local-dir:FOLDER` or
     `hf-hub:ORG/NAME` source (their weights are loaded: `pretrained` defaults to True there), or a registered
-    name (`pretrained=True` for its published weights) with an optional local weights file (`weights=`)."""
+    name (`pretrained=True` for its published weights) with an optional local weights file (`weights=`) holding
+    `num_classes` classes (default: the registered cfg's)."""
     import timm
     if Path(source).is_file():
         return create_model_from_checkpoint(source, use_ema=use_ema)
     if pretrained is None:
         pretrained = str(source).startswith(_WEIGHT_SOURCES)
-    overlay = dict(file=str(weights)) if weights else None
-    return timm.create_model(str(source), pretrained=pretrained or weights is not None, pretrained_cfg_overlay=overlay)
+    overlay, kwargs = None, {}
+    if weights:  # the file holds the classifiers too: never re-initialised, a class-count mismatch is an error
+        overlay = dict(file=str(weights), **(dict(num_classes=num_classes) if num_classes is not None else {}))
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    return timm.create_model(str(source), pretrained=pretrained or weights is not None, pretrained_cfg_overlay=overlay,
+                             **kwargs)

@@ -17,6 +17,7 @@ import timm
 from timm.models import get_pretrained_cfg
 from timm.models._hub import save_for_hf
 
+from .checkpoint import set_default_mode
 from .models.srn import SRN
 
 __all__ = ['model_card', 'export_for_hub', 'publish_folder', 'write_hub_cards']
@@ -143,6 +144,8 @@ def export_for_hub(
     save_for_hf(model, str(out_dir), model_config=dict(label_names=list(label_names)) if label_names else None,
                 model_args=model_args, safe_serialization=True)
     (out_dir / 'README.md').write_text(_card_for_model(model, name, metrics, dataset, train_command), encoding='utf-8')
+    for path in out_dir.iterdir():  # safetensors writes its file with mode 0600
+        set_default_mode(path)
     return out_dir
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .checkpoint import load_model
+from .cli import HelpFormatter
 from .evaluation import eval_transform
 from .losses.heatmap_buffer import HeatmapBuffer
 from .losses.heatmap_source import HeatmapSource
@@ -201,12 +202,13 @@ def _label_indices(values: Optional[Sequence[str]], names: Optional[Sequence[str
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m timm_srn.viz', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m timm_srn.viz', description=__doc__.split('\n')[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument('--model', required=True, help='registered model name, hf-hub:ORG/NAME, or a checkpoint file')
     parser.add_argument('--pretrained', action='store_true', default=None,
                         help='load the pretrained weights of a registered name (local-dir: / hf-hub: sources always load theirs)')
-    parser.add_argument('--image', required=True)
-    parser.add_argument('--out', required=True)
+    parser.add_argument('--image', required=True, help='image file to show the maps on (any format PIL reads)')
+    parser.add_argument('--out', required=True, help='PNG file to write')
     parser.add_argument('--top-k', type=int, default=3, help='labels to show, by score')
     parser.add_argument('--labels', nargs='*', default=None,
                         help='labels to show instead of the top-k, by name (as in label_names) or index')

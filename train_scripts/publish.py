@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Export a trained checkpoint to a Hub-ready folder in timm's format, and optionally upload it.
 
-    python train_scripts/publish.py --checkpoint output/train/best.pth.tar --results validate.json \
-        --repo-id ORG/NAME --out hub_export            # dry run: writes the folder only
-    ... --push                                          # uploads (token from HF_TOKEN or huggingface-cli login)
-    python train_scripts/publish.py --regenerate-cards  # hub_cards/ from hub_cards/results/*.json
+Dry run (writes the folder only):
+    python train_scripts/publish.py --checkpoint output/train/best.pth.tar --results validate.json --repo-id ORG/NAME
+Upload (token from HF_TOKEN or huggingface-cli login): the same with --push
+Model cards of every registered tag, hub_cards/ from hub_cards/results/*.json:
+    python train_scripts/publish.py --regenerate-cards
 """
 import argparse
 import json
@@ -13,11 +14,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from timm_srn.checkpoint import create_model_from_checkpoint, load_checkpoint_file
+from timm_srn.cli import ArgumentParser, HelpFormatter
 from timm_srn.hub import export_for_hub, publish_folder, write_hub_cards
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[Path]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--checkpoint', help='train.py checkpoint to export')
     p.add_argument('--use-ema', action='store_true', help='export the EMA weights')
     p.add_argument('--results', help="validate.py JSON: the card's metrics (none: the card says so)")
@@ -26,9 +28,9 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument('--push', action='store_true', help='upload the folder to the Hub')
     mode.add_argument('--dry-run', action='store_true', help='write the folder only (the default without --push)')
-    p.add_argument('--private', action='store_true')
+    p.add_argument('--private', action='store_true', help='with --push: create the Hub repository as private')
     p.add_argument('--regenerate-cards', action='store_true', help='rewrite hub_cards/ for every registered tag')
-    p.add_argument('--cards-dir', default='hub_cards')
+    p.add_argument('--cards-dir', default='hub_cards', help='with --regenerate-cards: folder of the cards')
     args = p.parse_args(argv)
     if args.regenerate_cards:
         for tag, path in write_hub_cards(args.cards_dir).items():

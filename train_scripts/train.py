@@ -42,6 +42,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, init_distributed_device, random_seed, unwrap_model
 
 import timm_srn  # noqa: F401  registers the srn models
+from timm_srn.cli import ArgumentParser, HelpFormatter
 from timm_srn.checkpoint import (
     CheckpointError, load_checkpoint_file, remove_stale_temporaries, rng_state, save_atomic, set_rng_state,
     write_atomic)
@@ -70,12 +71,17 @@ class RunError(Exception):
 
 
 def _kv(text: str) -> Dict[str, Any]:
-    key, _, value = text.partition('=')
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
     return {key: yaml.safe_load(value)}
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks and shows every option's default."""
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
 
 
 def loss_help(name: str, dataset: str) -> str:
@@ -94,12 +100,16 @@ def loss_help(name: str, dataset: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--config', default='', help='YAML file of argument defaults (keys as the long options)')
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='synthetic', choices=DATASET_NAMES,
                    help='synthetic is generated on first use; the others read the official files under --data-dir')
-    g.add_argument('--data-dir', default=None, help='dataset root (synthetic: generated here, default data/synthetic)')
+    g.add_argument('--data-dir', default=None,
+                   help='dataset root; synthetic: data/synthetic when not given (generated on first use)')
+    g.add_argument('--generate-data', action='store_true',
+                   help='synthetic: generate the scenes in --data-dir when it holds none (otherwise refused, so a '
+                        'misspelt path is not filled with a new dataset)')
     g.add_argument('--max-train-images', type=int, default=None, help='use only the first N training images')
     g.add_argument('--max-val-images', type=int, default=None, help='use only the first N validation images')
     g.add_argument('--skip-unreadable', action='store_true',
@@ -125,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "turn. SRN models default to 4 with full labels: every branch trained from the first epoch")
     g.add_argument('--stage4-loss', default='paper', choices=('paper', 'released'),
                    help='stage 4 terms: paper BCE(y)+BCE(y_att); released BCE(y_cls)+BCE(y_att)+BCE(y_sr)')
-    g.add_argument('--stage-epochs', type=int, nargs=4, default=None, metavar=('E1', 'E2', 'E3', 'E4'),
+    g.add_argument('--stage-epochs', type=_positive_int, nargs=4, default=None, metavar=('E1', 'E2', 'E3', 'E4'),
                    help="--srn-stage all: epochs of stages 1-4 (default: --epochs each)")
     g.add_argument('--stage-lr', type=float, nargs=4, default=None, metavar=('LR1', 'LR2', 'LR3', 'LR4'),
                    help="--srn-stage all: peak learning rates of stages 1-4 (default: --lr each)")
@@ -139,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup', type=float, default=0., help='mixup alpha (full-label losses only)')
     g.add_argument('--cutmix', type=float, default=0., help='cutmix alpha (full-label losses only)')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=8, help='epochs (per stage with --srn-stage all, unless --stage-epochs)')
-    g.add_argument('--batch-size', type=int, default=32, help='per process')
+    g.add_argument('--epochs', type=_positive_int, default=8, help='epochs (per stage with --srn-stage all, unless --stage-epochs)')
+    g.add_argument('--batch-size', type=_positive_int, default=32, help='per process')
     g.add_argument('--opt', default='adamw', help='any timm optimizer name (timm.optim.create_optimizer_v2)')
     g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate')
     g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
@@ -154,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     g.add_argument('--torchcompile', default=None, help='torch.compile backend, e.g. inductor')
     g = p.add_argument_group('run')
-    g.add_argument('--output', default='output/train', help='folder for checkpoints, logs, metrics and PNGs')
+    g.add_argument('--output', default='output/train',
+                   help='folder for checkpoints, logs, metrics and PNGs; one holding another run is refused unless '
+                        '--resume continues that run')
     g.add_argument('--resume', default='', help='checkpoint to continue from (last.pth.tar)')
     g.add_argument('--stop-after-epochs', type=int, default=None, help='stop after this many epochs of this run')
     g.add_argument('--seed', type=int, default=42, help='seed of the model init, data order and augmentation')
@@ -278,6 +290,10 @@ def make_loader(dataset, args, train: bool, epoch: int = 0) -> torch.utils.data.
 
 
 def load_datasets(args):
+    if args.dataset == 'synthetic' and args.data_dir is not None and not args.generate_data and \
+            not (Path(args.data_dir) / 'annotations' / 'instances_train.json').exists():
+        raise SetupError(f'--data-dir {args.data_dir} holds no built-in dataset (annotations/instances_train.json): '
+                         f'check the path, omit --data-dir for data/synthetic, or add --generate-data to create it there')
     kwargs = dict(skip_unreadable=True) if args.skip_unreadable else {}
     try:
         datasets = [create_dataset(args.dataset, args.data_dir, split, **kwargs) for split in ('train', 'val')]
@@ -295,8 +311,16 @@ def load_datasets(args):
     return tuple(datasets)
 
 
+RUN_FILES = ('metrics.jsonl', 'last.pth.tar', 'best.pth.tar', 'summary.json')  # what marks a folder as a run's
+
+
 def prepare_output(args, output: Path) -> None:
-    """Create the output folder and prove it writable before any work; clear temporaries of a killed run."""
+    """Create the output folder and prove it writable before any work; clear temporaries of a killed run. A folder
+    holding another run is refused unless --resume continues it: a new run never damages another's outputs."""
+    existing = [name for name in RUN_FILES if (output / name).exists()]
+    if existing and not args.resume:
+        raise SetupError(f'output folder {output} holds another run ({", ".join(existing)}): choose a new --output, or '
+                         f'continue that run with --resume {output / "last.pth.tar"}')
     try:
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output):
@@ -474,7 +498,7 @@ def run(args) -> Dict[str, Any]:
         try:
             model.load_state_dict(resume_state['state_dict'])
         except RuntimeError as e:
-            raise SetupError(f'--resume {args.resume} does not fit this model: {str(e).splitlines()[0]}') from e
+            raise SetupError(f'--resume {args.resume} does not fit this model: {state_dict_mismatch(e)}') from e
     else:
         resume_state = None
     model.to(device)
@@ -642,6 +666,22 @@ def write_visualisations(args, model, dataset, output: Path) -> None:
         _logger.info(f'wrote {min(args.num_viz, len(dataset))} visualisations to {output}')
 
 
+def state_dict_mismatch(error: RuntimeError) -> str:
+    """The first reason of a `load_state_dict` error (e.g. the class count) and how many more there are."""
+    reasons = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    if not reasons:
+        return str(error).strip()
+    first = re.sub(r'torch\.Size\(\[(.*?)\]\)', r'(\1)', reasons[0])
+    return first + (f' (and {len(reasons) - 1} more)' if len(reasons) > 1 else '')
+
+
+def worker_error(error: OSError) -> str:
+    """The message of an error raised in a data loader worker (which wraps it in the worker's traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return last.partition(': ')[2] if 'Original Traceback' in str(error) else last
+
+
 def is_collective_failure(error: RuntimeError) -> bool:
     """A distributed collective that timed out or lost its peer (nccl raises DistBackendError, gloo RuntimeError)."""
     return isinstance(error, dist.DistBackendError) or (dist.is_initialized() and re.search(
@@ -659,6 +699,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return run(args)
     except (SetupError, RunError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # an unreadable image met during training (also from a loader worker)
+        print(f'train.py: error: {worker_error(e)}', file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
         if not is_collective_failure(e):

@@ -118,9 +118,15 @@ def test_state_of_another_run_is_named(synthetic_dir, tmp_path, train_script, ca
     output = tmp_path / 'sp'
     extra = ('--loss', 'spatial', '--epochs', '1')
     train_script.main(_args(synthetic_dir, output, *extra))
-    # the same folder for other data: its observed labels do not belong to these images
+    files = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
+    # a new run into the folder is refused before it writes anything: the first run's outputs stay intact
+    line = _one_error_line(capsys, lambda: train_script.main(_args(synthetic_dir, output, *extra)))
+    assert f'output folder {output} holds another run (metrics.jsonl, last.pth.tar' in line
+    assert f'--resume {output / "last.pth.tar"}' in line
+    assert {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()} == files
+    # resuming it with other data: its observed labels do not belong to these images
     line = _one_error_line(capsys, lambda: train_script.main(
-        _args(synthetic_dir, output, *extra, '--max-train-images', '80')))
+        _args(synthetic_dir, output, *extra, '--max-train-images', '80', '--resume', str(output / 'last.pth.tar'))))
     assert 'observed_labels.npy' in line and 'Use another output folder' in line
     # a checkpoint whose criterion buffers were sized for another training set
     line = _one_error_line(capsys, lambda: train_script.main(

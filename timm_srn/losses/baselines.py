@@ -314,6 +314,21 @@ def loss_options(name: str, dataset: str = 'coco') -> Dict[str, Any]:
     return options
 
 
+def _check_option_type(name: str, key: str, value: Any, default: Any) -> None:
+    """Refuse an option whose value is not of its default's kind (a word for a number, a number for a name), before
+    any state is built."""
+    if isinstance(default, bool):
+        expected, ok = 'True or False', isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        expected, ok = 'a number', isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        expected, ok = 'a name', isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise TypeError(f"loss '{name}' option {key}={value!r}: expected {expected} (default {default!r}).")
+
+
 def create_single_positive_loss(name: str, num_samples: int, num_classes: int, dataset: str = 'coco', **kwargs) -> nn.Module:
     """Criterion by name (see SINGLE_POSITIVE_LOSSES): an, an-ls, wan, epr, role, ll-r, ll-ct, ll-cp, em, em-apl,
     consistency, en, spatial (assume negative + spatial), en-spatial (expected negatives + spatial)."""
@@ -323,6 +338,8 @@ def create_single_positive_loss(name: str, num_samples: int, num_classes: int, d
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         raise TypeError(f"loss '{name}' takes no argument {', '.join(unknown)}; it takes {', '.join(options) or 'none'}.")
+    for key, value in kwargs.items():
+        _check_option_type(name, key, value, options[key])
     # criteria with per-sample state take the sizes; LL and EM allocate it only in the modes that keep it
     sized = {key: value for key, value in dict(num_samples=num_samples, num_classes=num_classes).items()
              if key in inspect.signature(cls).parameters}

@@ -26,7 +26,7 @@ from timm.models._registry import split_model_name_tag
 from ..data.label_names import COCO_LABEL_NAMES
 from .class_maps import class_activation_maps
 
-__all__ = ['SRN', 'SRNOutput', 'SpatialAttention', 'SpatialRegularizer', 'SRN_CLASSIFIERS', 'srn_stage_loss']
+__all__ = ['ClassCountError', 'SRN', 'SRNOutput', 'SpatialAttention', 'SpatialRegularizer', 'SRN_CLASSIFIERS', 'srn_stage_loss']
 
 # Every layer whose shape depends on num_classes: all are dropped when num_classes changes.
 SRN_CLASSIFIERS = ('fc', 'attention.conv3', 'attention.confidence', 'regularizer.conv1', 'regularizer.fc')
@@ -438,6 +438,15 @@ def srn_stage_loss(
     raise ValueError(f'SRN stage must be one of 1, 2, 3, 4, got {stage!r}.')
 
 
+class ClassCountError(RuntimeError):
+    """SRN weights trained for another number of classes than the model's."""
+
+    def __init__(self, weights_classes: int, model_classes: int, advice: str):
+        super().__init__(f'Checkpoint was trained for {weights_classes} classes but the model has '
+                         f'num_classes={model_classes} {advice}')
+        self.weights_classes, self.model_classes = weights_classes, model_classes
+
+
 def _check_srn_state_dict(state_dict: Dict[str, torch.Tensor], model: SRN) -> Dict[str, torch.Tensor]:
     """Reject checkpoints that are not SRN weights of this architecture with a message naming the problem."""
     if 'state_dict' in state_dict or 'model' in state_dict:
@@ -464,11 +473,10 @@ def _check_srn_state_dict(state_dict: Dict[str, torch.Tensor], model: SRN) -> Di
         if key in classifier_keys:
             if adapting:
                 continue
-            raise RuntimeError(
-                f"Checkpoint was trained for {state_dict['fc.weight'].shape[0]} classes but the model has "
-                f"num_classes={model.num_classes} ({key}: checkpoint {tuple(value.shape)} vs model "
-                f"{tuple(expected[key].shape)}). Pass num_classes={state_dict['fc.weight'].shape[0]}, or set "
-                f"pretrained_cfg_overlay=dict(num_classes=...) to the checkpoint's count to re-initialise the heads.")
+            raise ClassCountError(state_dict['fc.weight'].shape[0], model.num_classes, (
+                f"({key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}). Pass "
+                f"num_classes={state_dict['fc.weight'].shape[0]}, or set pretrained_cfg_overlay=dict(num_classes=...) "
+                f"to the checkpoint's count to re-initialise the heads."))
         raise RuntimeError(
             f"Checkpoint tensor {key} has shape {tuple(value.shape)} but the model expects "
             f"{tuple(expected[key].shape)}: the weights are for another backbone or img_size.")
