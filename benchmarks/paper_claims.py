@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -139,9 +140,12 @@ def train_argv(data: Path, output: Path, seed: int, setting: Setting, weights: P
 
 
 def run_training(argv: List[str], output: Path) -> None:
-    """One train.py run, in this process; continues from last.pth.tar when an earlier attempt was cut off."""
+    """One train.py run, in this process; continues from last.pth.tar when an earlier attempt was cut off (one cut
+    off before its first checkpoint starts again: train.py refuses a folder holding another run's files)."""
     if (output / 'last.pth.tar').exists():
         argv = argv + ['--resume', str(output / 'last.pth.tar')]
+    elif output.exists():
+        shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     with open(output / 'stdout.txt', 'a') as log, contextlib.redirect_stdout(log):  # train.py's metric tables
         load_script('train').main(argv)

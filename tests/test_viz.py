@@ -48,6 +48,31 @@ def test_plain_model_and_overlay_differs_between_maps(tmp_path):
     assert a.shape == (TILE, TILE, 3) and np.abs(a.astype(int) - b).mean() > 1
 
 
+def test_absent_labels_stay_dark_and_every_true_label_gets_a_row(tmp_path):
+    from timm_srn.viz import FIXED_RANGES, _choose, _map_column
+    absent = torch.linspace(-7, -0.2, 16).view(4, 4).sigmoid()  # class map of a label the model rules out
+    present = torch.linspace(2, 6, 16).view(4, 4).sigmoid()
+    dark, bright = (np.asarray(t.image).mean() for t in _map_column(_image(), [absent, present], FIXED_RANGES['class map']))
+    assert bright > dark + 40
+    own = np.asarray(overlay(_image(), absent)).mean()  # its own min-max would make it look as hot as a present one
+    assert own > dark + 10
+    probs = torch.tensor([.9, .8, .7, .1, .05, .02, .01, .6])
+    assert _choose(probs, None, 3, true_labels=[3, 4, 5, 6, 2]) == [3, 4, 5, 6, 2, 0, 1]
+    model = timm.create_model('test_resnet', num_classes=8)
+    height = Image.open(save_model_overlays(model, _image(), tmp_path / 'all.png', true_labels=[0, 1, 2, 3, 4, 5, 6],
+                                            top_k=3)).size[1]
+    assert height > 7 * TILE
+
+
+def test_single_positive_run_writes_the_stored_heatmaps(synthetic_dir, tmp_path, train_script):
+    train_script.main(['--data-dir', str(synthetic_dir), '--output', str(tmp_path), '--model', 'test_resnet',
+                       '--img-size', '64', '--batch-size', '16', '--workers', '0', '--no-progress', '--epochs', '1',
+                       '--max-train-images', '48', '--max-val-images', '16', '--num-viz', '1', '--loss', 'spatial',
+                       '--loss-kwargs', 'warmup_epochs=0'])
+    assert Image.open(tmp_path / 'viz_train_heatmaps_0.png').size[0] > 2 * TILE
+    assert (tmp_path / 'viz_val_0.png').exists()
+
+
 def test_overlay_uses_the_full_colour_map():
     tile = np.asarray(overlay(_image(), torch.arange(16.).view(4, 4)))
     # dark end and bright end of inferno both present, blended over a dimmed grey image

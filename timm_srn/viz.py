@@ -1,15 +1,17 @@
 """Attention and heatmap overlays written as PNG grids.
 
-- `save_model_overlays`: a header with the ground-truth and predicted labels, then per label (top-k by
-  score, or chosen labels) the image with the label's probability, the SRN attention map A, the weighted
-  map U = A * sigmoid(S) and the main-branch class map (non-SRN models: class maps), each in the inferno
-  colour map over a dimmed grey copy of the image, with its value range, a colour bar and a legend.
+- `save_model_overlays`: a header with the ground-truth and predicted labels, then per label (every
+  ground-truth label, then the top-k by score; or chosen labels) the image with the label's probability, the SRN
+  attention map A, the weighted map U = A * sigmoid(S) and the main-branch class map as a probability (non-SRN
+  models: class maps), each in the inferno colour map over a dimmed grey copy of the image. A column shares one
+  scale over its rows (class maps: 0 to 1), so an absent label's map stays dark; value ranges, a colour bar and a
+  legend say so.
 - `save_buffer_overlays`: the spatial consistency buffer's stored EMA heatmaps of one training sample.
 - CLI: `python -m timm_srn.viz --model NAME_OR_CHECKPOINT --image PATH --out PNG`.
 """
 import argparse
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,9 +40,11 @@ _ANCHORS = np.array([[0, 0, 4], [31, 12, 72], [85, 15, 109], [136, 34, 106], [18
 MAP_LEGEND = {
     'attention': 'attention A: softmax of f_att over positions (where the label is looked for)',
     'weighted': 'weighted U = A * sigmoid(S): the confidence-weighted maps f_sr reads',
-    'class map': 'class map: the main classifier applied at every position of the final features',
+    'class map': 'class map: sigmoid of the main classifier applied at every position of the final features',
     'EMA': 'EMA: the heatmap stored for this sample by the spatial consistency loss',
 }
+# columns shown on a fixed scale: probabilities
+FIXED_RANGES = {'class map': (0., 1.)}
 
 
 def colourise(values: np.ndarray) -> np.ndarray:
@@ -51,13 +55,14 @@ def colourise(values: np.ndarray) -> np.ndarray:
     return (_ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac).astype(np.uint8)
 
 
-def overlay(image: Image.Image, heatmap: torch.Tensor, alpha: float = 0.7) -> Image.Image:
-    """A heatmap (h, w), min-max normalised and bilinearly resized, over a dimmed grey copy of the image (so the
-    colours stand out on textured scenes)."""
+def overlay(image: Image.Image, heatmap: torch.Tensor, value_range: Optional[Tuple[float, float]] = None,
+            alpha: float = 0.7) -> Image.Image:
+    """A heatmap (h, w), scaled from `value_range` (default: its own min and max) to the colour map and bilinearly
+    resized, over a dimmed grey copy of the image (so the colours stand out on textured scenes)."""
     grey = ImageOps.grayscale(image.convert('RGB').resize((TILE, TILE))).point(lambda v: v // 2).convert('RGB')
     resized = F.interpolate(heatmap.float()[None, None], size=(TILE, TILE), mode='bilinear', align_corners=False)[0, 0]
-    span = (resized.max() - resized.min()).clamp(min=1e-12)
-    colours = colourise(((resized - resized.min()) / span).numpy())
+    low, high = value_range if value_range is not None else (float(resized.min()), float(resized.max()))
+    colours = colourise(((resized - low) / max(high - low, 1e-12)).numpy())
     return Image.blend(grey, Image.fromarray(colours), alpha)
 
 
@@ -72,7 +77,11 @@ def _render(
     """Header lines, titled columns of tiles with captions, a colour bar and the legend, as one PNG."""
     caption_lines = max(len(tile.caption) for row in rows for tile in row)
     row_height = TILE + caption_lines * LINE + PAD
-    width = len(columns) * (TILE + PAD) + PAD + 3 * COLOUR_BAR + 40
+    measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    text_width = max([measure.textlength(line, font=FONT) for line in header] +
+                     [measure.textlength(line, font=SMALL) for line in legend])
+    text_width = int(text_width)
+    width = max(len(columns) * (TILE + PAD) + PAD + 3 * COLOUR_BAR + 40, text_width + 2 * PAD)
     top = PAD + len(header) * LINE + LINE
     height = top + len(rows) * row_height + len(legend) * LINE + PAD
     canvas = Image.new('RGB', (width, height), 'white')
@@ -101,13 +110,18 @@ def _render(
     return path
 
 
-def _map_tile(image: Image.Image, heatmap: torch.Tensor) -> _Tile:
-    return _Tile(overlay(image, heatmap), [f'min {heatmap.min():.3g}  max {heatmap.max():.3g}'])
+def _map_column(image: Image.Image, heatmaps: Sequence[torch.Tensor],
+                fixed_range: Optional[Tuple[float, float]] = None) -> List[_Tile]:
+    """Tiles of one column on one shared scale: `fixed_range`, else from the column's min to its max."""
+    low = fixed_range[0] if fixed_range else min(float(h.min()) for h in heatmaps)
+    high = fixed_range[1] if fixed_range else max(float(h.max()) for h in heatmaps)
+    return [_Tile(overlay(image, h, (low, high)), [f'min {h.min():.3g}  max {h.max():.3g}']) for h in heatmaps]
 
 
 def _legend(kinds: Sequence[str]) -> List[str]:
-    return [MAP_LEGEND[kind] for kind in kinds] + ['each map is scaled from its own min (dark) to max (bright); '
-                                                   'the numbers under it are the raw values']
+    return [MAP_LEGEND[kind] for kind in kinds] + ['one scale per column: dark = its lowest, bright = its highest '
+                                                   'value (probabilities: 0 to 1)',
+                                                   'the numbers under a map are its own range']
 
 
 def _names(indices: Sequence[int], names: Sequence[str]) -> str:
@@ -118,8 +132,13 @@ def _input_tensor(model: nn.Module, image: Image.Image) -> torch.Tensor:
     return eval_transform(model)(image.convert('RGB'))[None].to(next(model.parameters()).device)
 
 
-def _choose(probs: torch.Tensor, labels: Optional[Sequence[int]], top_k: int) -> List[int]:
-    return list(labels) if labels is not None else probs.topk(min(top_k, len(probs))).indices.tolist()
+def _choose(probs: torch.Tensor, labels: Optional[Sequence[int]], top_k: int,
+            true_labels: Optional[Sequence[int]] = None) -> List[int]:
+    """Chosen labels, else every ground-truth label followed by the top-k predictions not among them."""
+    if labels is not None:
+        return list(labels)
+    chosen = list(true_labels or [])
+    return chosen + [i for i in probs.topk(min(top_k, len(probs))).indices.tolist() if i not in chosen]
 
 
 @torch.no_grad()
@@ -142,23 +161,23 @@ def save_model_overlays(
         out = model.forward_branches(x)
         probs = out.logits[0].sigmoid().cpu()
         maps = [('attention', out.attention[0]), ('weighted', out.attention[0] * out.confidence[0].sigmoid()),
-                ('class map', out.class_maps[0])]
+                ('class map', out.class_maps[0].sigmoid())]
     else:
         source = HeatmapSource(model)
         probs = model(x)[0].sigmoid().cpu()
-        maps = [('class map', source.latest()[0])]
+        maps = [('class map', source.latest()[0].sigmoid())]
         source.remove()
     model.train(was_training)
     names = list(label_names or [str(i) for i in range(len(probs))])
     predicted = [i for i in probs.argsort(descending=True).tolist() if probs[i] >= threshold]
     header = [f'ground truth: {_names(true_labels, names) if true_labels is not None else "not given"}',
               f'predicted (p >= {threshold:g}): ' + (', '.join(f'{names[i]} {probs[i]:.2f}' for i in predicted) or 'none')]
-    rows = []
-    for label in _choose(probs, labels, top_k):
-        verdict = [] if true_labels is None else ['in ground truth' if label in true_labels else 'not in ground truth']
-        row = [_Tile(image.convert('RGB').resize((TILE, TILE)), [f'{names[label]}  p={probs[label]:.2f}'] + verdict)]
-        row += [_map_tile(image, m[label].cpu()) for _, m in maps]
-        rows.append(row)
+    chosen = _choose(probs, labels, top_k, true_labels)
+    columns = [[_Tile(image.convert('RGB').resize((TILE, TILE)), [f'{names[label]}  p={probs[label]:.2f}'] + (
+        [] if true_labels is None else ['in ground truth' if label in true_labels else 'not in ground truth']))
+        for label in chosen]]
+    columns += [_map_column(image, [m[label].cpu() for label in chosen], FIXED_RANGES.get(kind)) for kind, m in maps]
+    rows = [list(row) for row in zip(*columns)]
     return _render(header, ['label'] + [kind for kind, _ in maps], rows, _legend([kind for kind, _ in maps]), path)
 
 
@@ -180,7 +199,7 @@ def save_buffer_overlays(
     names = label_names or [str(i) for i in range(buffer.num_classes)]
     chosen = list(labels) if labels is not None else strength.topk(min(top_k, buffer.num_classes)).indices.tolist()
     row = [_Tile(image.convert('RGB').resize((TILE, TILE)), [f'sample {index}'])]
-    row += [_map_tile(image, maps[c]) for c in chosen]
+    row += _map_column(image, [maps[c] for c in chosen])
     columns = ['image'] + [f'{names[c]} EMA' for c in chosen]
     return _render([f'stored heatmaps of training sample {index}'], columns, [row], _legend(['EMA']), path)
 

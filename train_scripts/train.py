@@ -624,7 +624,7 @@ def run(args) -> Dict[str, Any]:
         table = metrics_table([json.loads(line) for line in metrics_file.read_text().splitlines()], summary)
         print(table)  # resumed runs too
         write_text_atomic(output / 'metrics_table.txt', table + '\n')
-        write_visualisations(args, model, val_set, output)
+        write_visualisations(args, model, val_set, output, criterion, train_set)
     return dict(history=history, last_eval=last_eval, summary=summary, stopped=False)
 
 
@@ -654,16 +654,23 @@ def metrics_table(history: List[Dict[str, Any]], summary: Dict[str, Any]) -> str
     return '\n'.join(lines)
 
 
-def write_visualisations(args, model, dataset, output: Path) -> None:
-    """Attention / class-map grids of a few validation images (PNG)."""
-    from timm_srn.viz import save_model_overlays
-    for index in range(min(args.num_viz, len(dataset))):
-        image = dataset.load_image(index)
+def write_visualisations(args, model, dataset, output: Path, criterion=None, train_set=None) -> None:
+    """Attention / class-map grids of a few validation images (PNG) and, for criteria with a heatmap buffer, the
+    stored EMA heatmaps of as many training images, for their ground-truth labels."""
+    from timm_srn.viz import save_buffer_overlays, save_model_overlays
+    count = min(args.num_viz, len(dataset))
+    for index in range(count):
         true_labels = np.flatnonzero(dataset.targets[index] > 0).tolist()
-        save_model_overlays(model, image, output / f'viz_val_{index}.png', label_names=dataset.label_names,
-                            true_labels=true_labels)
-    if args.num_viz and _is_primary(args):
-        _logger.info(f'wrote {min(args.num_viz, len(dataset))} visualisations to {output}')
+        save_model_overlays(model, dataset.load_image(index), output / f'viz_val_{index}.png',
+                            label_names=dataset.label_names, true_labels=true_labels)
+    buffer = getattr(criterion, 'heatmaps', None)
+    for index in range(min(args.num_viz, len(train_set)) if buffer is not None else 0):
+        save_buffer_overlays(buffer, index, train_set.load_image(index), output / f'viz_train_heatmaps_{index}.png',
+                             label_names=train_set.label_names,
+                             labels=np.flatnonzero(train_set.targets[index] > 0).tolist())
+    if count and _is_primary(args):
+        _logger.info(f'wrote {count} visualisations to {output}' + (' (and the stored heatmaps of as many training '
+                                                                    'images)' if buffer is not None else ''))
 
 
 def state_dict_mismatch(error: RuntimeError) -> str:
