@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from timm_srn.data import pack_target
 from timm_srn.losses import (
@@ -69,6 +70,23 @@ def test_ll_r_ct_cp_follow_large_loss_matters():
     rejecting.set_epoch(1)
     kept = sp(-2) + sp(-1) + sp(-3) + sp(-2)  # rejected: z=0 (0.69) and z=1 (1.31)
     assert rejecting(logits2, target2).item() == pytest.approx(kept / 6, rel=1e-6)
+
+
+def test_ll_rate_accumulates_like_the_reference():
+    """LargeLossMatters lowers its clean rate by delta_rel / 100 after each epoch by float subtraction: at epoch 5
+    with delta_rel 0.5 the rate is 0.025000000000000022, so ceil(16 * 80 * rate) = 33 entries (32 by the exact
+    product 5 * 0.5 / 100)."""
+    loss = LargeLossLoss('reject', delta_rel=0.5)
+    loss.set_epoch(5)
+    assert math.ceil(16 * 80 * loss.rate()) == 33
+    logits = torch.linspace(-3, 3, 16 * 80).view(16, 80)
+    target = torch.zeros(16, 80)
+    target[:, 0] = 1
+    rejected = (logits[:, 1:].flatten().sort(descending=True).values[:33])
+    kept = F.softplus(logits[:, 1:]).sum() - F.softplus(rejected).sum() + F.softplus(-logits[:, 0]).sum()
+    assert loss(logits, target).item() == pytest.approx(kept.item() / (16 * 80), rel=1e-5)
+    loss.set_epoch(0)
+    assert loss.rate() == 0
 
 
 def test_em_and_apl_follow_ack_the_unknown():

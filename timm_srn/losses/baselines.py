@@ -140,7 +140,8 @@ class RoleLoss(_SinglePositiveLoss):
 class LargeLossLoss(_SinglePositiveLoss):
     """LL-R ('reject'), LL-Ct ('correct_temporary') or LL-Cp ('correct_permanent'), as snucml/LargeLossMatters.
 
-    From the second epoch, k = ceil(B * C * rate) entries of the batch are modified (rate = epoch * delta_rel %;
+    From the second epoch, k = ceil(B * C * rate) entries of the batch are modified (rate = epoch * delta_rel %, in
+    the reference's floating-point accumulation;
     LL-Cp: the constant delta_rel %, the rule its code intends): the unobserved labels whose AN loss is at least the
     k-th largest masked loss are rejected (R) or counted as positives (Ct, Cp); LL-Cp also flips those strictly
     above it to positive for good. (The published script picks LL-Cp's rule with `is` on a string, which Python
@@ -165,8 +166,14 @@ class LargeLossLoss(_SinglePositiveLoss):
             self.register_buffer('flipped', torch.zeros(num_samples, num_classes, dtype=torch.bool))
 
     def rate(self) -> float:
-        """Fraction of the batch's entries modified at the current epoch (0 in the first epoch)."""
-        return min(1., self.epoch * self.delta_rel / 100.)
+        """Fraction of the batch's entries modified at the current epoch (0 in the first epoch): 1 less the
+        reference's clean rate, which starts at 1 and loses delta_rel / 100 after every epoch, accumulated in floating
+        point as its train.py does, so that ceil(B * C * rate) picks the same count (e.g. 33, not 32, of 16 x 80
+        entries at epoch 5 with delta_rel 0.5)."""
+        clean_rate, step = 1., self.delta_rel / 100.
+        for _ in range(int(self.epoch)):
+            clean_rate -= step
+        return min(1., 1. - clean_rate)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels, index = self._labels(output, target)
