@@ -295,13 +295,16 @@ def _setting_label(name: str, setting: Dict[str, Any]) -> str:
     return f"`{setting['loss']}`" + (f' ({kwargs})' if kwargs else '')
 
 
-def _delta(settings: Dict[str, Any], name: str, reference: str, metric: str) -> Optional[str]:
-    """'name − reference' of a metric, paired by seed (same data order and initialisation of the new head):
-    mean ± std over the seeds both ran, and how many of them favour `name`; None when nothing pairs."""
+def _delta(settings: Dict[str, Any], name: str, reference: str, metric: str,
+           reference_metric: Optional[str] = None) -> Optional[str]:
+    """'name − reference' of a metric (of `reference_metric` on the reference side when given), paired by seed (same
+    data order and initialisation of the new head): mean ± std over the seeds both ran, and how many of them favour
+    `name`; None when nothing pairs."""
     if name not in settings or reference not in settings:
         return None
     a, b = settings[name]['seeds'], settings[reference]['seeds']
-    diffs = [a[seed][metric] - b[seed][metric] for seed in a if seed in b and metric in a[seed] and metric in b[seed]]
+    other = reference_metric or metric
+    diffs = [a[seed][metric] - b[seed][other] for seed in a if seed in b and metric in a[seed] and other in b[seed]]
     if not diffs:
         return None
     std = statistics.stdev(diffs) if len(diffs) > 1 else 0.
@@ -329,6 +332,8 @@ def findings(settings: Dict[str, Any]) -> List[str]:
             ('`spatial` − `consistency` (the spatial term alone)', 'spatial', 'consistency', ('mAP', 'crop_mAP')),
             *((f'{n} − `spatial`', n, 'spatial', ('mAP',)) for n, s in settings.items() if s['group'] == 'ablation')]
     lines = [f'- {title}: mAP {d}' for title, name in within if (d := _within(settings, name, 'fused_minus_y_cls'))]
+    lines += [f'- {_setting_label(n, s)}: its own y_cls − plain backbone: mAP {d}' for n, s in settings.items()
+              if s.get('model') == 'srn' and (d := _delta(settings, n, 'full', 'mAP_y_cls', 'mAP'))]
     for title, name, reference, metrics in rows:
         parts = [f'{m}: {d}' for m in metrics if (d := _delta(settings, name, reference, m)) is not None]
         if parts:
@@ -393,7 +398,8 @@ def plot(results: Dict[str, Any], path: Path) -> None:
               ('localisation', 'map argmax in the object box (%)'), ('crop_mAP', 'cropped-out training crops mAP (%)')]
     colours = {'SRN': '#4c72b0', 'single positive': '#dd8452', 'ablation': '#8c8c8c'}
     legend = {'SRN': 'full labels (SRN claim)', 'single positive': 'single positive', 'ablation': 'spatial ablation'}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.42 * len(settings) + 1.6), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), max(3.6, 0.42 * len(settings) + 1.6)),
+                             sharey=True)
     names = list(settings)
     for ax, (metric, title) in zip(axes, panels):
         means = [settings[n]['metrics'].get(metric, {}).get('mean', np.nan) for n in names]
@@ -410,8 +416,9 @@ def plot(results: Dict[str, Any], path: Path) -> None:
         ax.grid(axis='x', alpha=0.3)
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    fig.legend(handles, [legend[g] for g in colours], loc='lower center', ncol=3, frameon=False)
+    groups = [g for g in colours if any(s['group'] == g for s in settings.values())]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[g]) for g in groups]
+    fig.legend(handles, [legend[g] for g in groups], loc='lower center', ncol=len(groups), frameon=False)
     fig.suptitle(f"paper claims on the built-in scenes: mean ± std over {len(results['config']['seeds'])} seeds",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
