@@ -65,6 +65,7 @@ CONFIG = dict(
     crops_per_image=4, cropped_out_below=0.25, visible_from=0.5, seeds=(0, 1, 2),
 )
 DATA_SEEDS = dict(train=101, val=102)
+SPATIAL_LOSSES = ('spatial', 'en-spatial')  # runs that keep a heatmap buffer: its localisation is recorded per epoch
 
 
 class Setting(NamedTuple):
@@ -89,7 +90,8 @@ SETTINGS: Dict[str, Setting] = {
     'spatial no-align': Setting('ablation', 'plain', 'spatial', dict(align_crops=False)),
     'spatial w=4': Setting('ablation', 'plain', 'spatial', dict(spatial_weight=4.0)),
     'spatial momentum 0.9': Setting('ablation', 'plain', 'spatial', dict(momentum=0.9)),
-    'spatial 14x14 maps': Setting('ablation', 'plain', 'spatial', backbone_kwargs=dict(output_stride=16)),
+    'spatial 10x10 maps': Setting('ablation', 'plain', 'spatial', dict(heatmap_size=[10, 10]),
+                                  backbone_kwargs=dict(output_stride=16)),
     'spatial warm-up 3': Setting('ablation', 'plain', 'spatial', dict(warmup_epochs=3)),
 }
 
@@ -126,6 +128,8 @@ def train_argv(data: Path, output: Path, seed: int, setting: Setting, weights: P
             str(CONFIG['batch_size']), '--lr', str(CONFIG['lr']), '--num-viz', '0', '--loss', setting.loss,
             '--device', args.device, '--workers', str(args.workers), '--backbone-file', str(weights),
             *setting.train_args]
+    if setting.loss in SPATIAL_LOSSES:
+        argv.append('--measure-localisation')
     if not args.progress_per_run:
         argv.append('--no-progress')
     if setting.loss_kwargs:
@@ -250,6 +254,11 @@ def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.devi
     if 'mAP_y_cls' in result:
         result['fused_minus_y_cls'] = result['mAP'] - result['mAP_y_cls']
     result.update(map_localisation(model, _loader(IndexedDataset(test)), test.boxes, device, columns=object_cols))
+    by_epoch = [r['localisation'] for r in map(json.loads, (output / 'metrics.jsonl').read_text().splitlines())
+                if 'localisation' in r]
+    if by_epoch:  # train.py --measure-localisation: the heatmap buffer and the training crops' maps, per epoch
+        result['localisation_by_epoch'] = by_epoch
+        result.update({k: v for k, v in by_epoch[-1].items() if not k.endswith('_maps')})
     if with_crops:
         train, _, observed, _ = protocol_split(create_dataset('synthetic', str(finetune), split='train'))
         result.update(crop_analysis(model, cropped_out_set(train, observed, transform), device))

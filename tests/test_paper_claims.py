@@ -55,6 +55,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert set(spatial) >= {'mAP', 'mAP_relations', 'mAP_objects', 'crop_mAP', 'crop_accuracy', 'crops', 'AP',
                             'localisation'}
     assert spatial['crops'] > 0 and np.isfinite(spatial['mAP']) and 'crop_mAP' not in srn
+    assert len(spatial['localisation_by_epoch']) == 1 and 0 <= spatial['buffer_observed'] <= 100
+    assert 'buffer_observed' not in srn
     assert srn['fused_minus_y_cls'] == pytest.approx(srn['mAP'] - srn['mAP_y_cls'])
     assert {'mAP_y_att', 'mAP_y_sr'} <= set(srn) and 0 <= srn['localisation'] <= 100 and srn['localised_labels'] > 30
     assert (tmp_path / 'pretrained' / 'tf_efficientnet_lite0_in1k.safetensors').exists()

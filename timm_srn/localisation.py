@@ -1,7 +1,8 @@
 """Where per-class maps point: the share of present labels whose map argmax falls inside a box of that class.
 
-A measurement for datasets with boxes (the built-in scenes): SRN's attention A, a plain model's class maps, or
-the spatial criterion's stored heatmaps are scored the same way, so their localisation can be compared.
+A measurement for datasets with boxes (the built-in scenes): SRN's attention A, a plain model's class maps, the
+spatial criterion's stored heatmaps and the maps of each training crop are scored the same way, so their
+localisation can be compared.
 """
 from typing import Dict, Optional, Sequence
 
@@ -10,9 +11,12 @@ import torch
 import torch.nn as nn
 from timm.utils import unwrap_model
 
+from .data.targets import unpack_target
+from .losses.heatmap_buffer import HeatmapBuffer
 from .models import SRN, class_activation_maps
 
-__all__ = ['argmax_in_box', 'model_maps', 'map_localisation']
+__all__ = ['argmax_in_box', 'model_maps', 'map_localisation', 'buffer_localisation', 'boxes_in_crop',
+           'CropLocalisation']
 
 
 def argmax_in_box(maps: torch.Tensor, boxes: np.ndarray) -> Dict[int, bool]:
@@ -58,3 +62,91 @@ def map_localisation(model: nn.Module, loader: torch.utils.data.DataLoader, boxe
                     hits, total = hits + hit, total + 1
     model.train(was_training)
     return dict(localisation=100. * hits / max(total, 1), localised_labels=total)
+
+
+class _Tally:
+    """Hits and totals of the observed positive and of the other present classes."""
+
+    def __init__(self):
+        self.hits = dict(observed=0, other=0)
+        self.total = dict(observed=0, other=0)
+
+    def add(self, hits: Dict[int, bool], observed_row: np.ndarray) -> None:
+        for column, hit in hits.items():
+            kind = 'observed' if observed_row[column] > 0.5 else 'other'
+            self.hits[kind] += hit
+            self.total[kind] += 1
+
+    def result(self, prefix: str) -> Dict[str, float]:
+        shares = {f'{prefix}_{kind}': 100. * self.hits[kind] / self.total[kind] for kind in self.total
+                  if self.total[kind]}
+        return dict(shares, **{f'{prefix}_{kind}_maps': self.total[kind] for kind in self.total})
+
+
+@torch.no_grad()
+def buffer_localisation(buffer: HeatmapBuffer, boxes: Sequence[np.ndarray], observed: np.ndarray,
+                        batch_size: int = 256) -> Dict[str, float]:
+    """What a heatmap buffer holds: the share (%) of stored per-class maps, of each sample's observed positive
+    ('buffer_observed') and of its other classes with a box ('buffer_other'), whose argmax over the cells stored so
+    far lies inside a box of that class, in the buffer's whole-image frame. Maps with no stored cell (never seen, or
+    a class outside a top-k sample's set) are not counted. `boxes[i]` and `observed[i]` belong to buffer row i."""
+    if len(boxes) != buffer.num_samples or len(observed) != buffer.num_samples:
+        raise ValueError(f'{len(boxes)} box lists and {len(observed)} observed rows for a buffer of '
+                         f'{buffer.num_samples} samples.')
+    tally = _Tally()
+    device = buffer.maps.device
+    for start in range(0, buffer.num_samples, batch_size):
+        index = torch.arange(start, min(start + batch_size, buffer.num_samples), device=device)
+        whole = torch.tensor([[0., 0., 1., 1.]], device=device).expand(len(index), 4)
+        maps, valid = buffer.read(index, whole, torch.zeros(len(index), dtype=torch.bool, device=device), buffer.size)
+        maps = maps.masked_fill(~valid, -float('inf')).cpu()
+        stored = valid.flatten(2).any(2).cpu()
+        for sample_maps, row, stored_row in zip(maps, index.tolist(), stored):
+            hits = argmax_in_box(sample_maps, boxes[row]) if len(boxes[row]) else {}
+            tally.add({c: hit for c, hit in hits.items() if stored_row[c]}, observed[row])
+    return tally.result('buffer')
+
+
+def boxes_in_crop(boxes: np.ndarray, crop: Sequence[float], flip: bool, visible_from: float = 0.5) -> np.ndarray:
+    """The (column, x0, y0, x1, y1) boxes of an image in the frame of a crop (x0, y0, x1, y1 in [0, 1] of the image,
+    flipped horizontally after cropping when `flip`), cut to the crop; boxes with less than `visible_from` of their
+    area in view are dropped."""
+    cx0, cy0, cx1, cy1 = crop
+    x0 = np.clip((boxes[:, 1] - cx0) / (cx1 - cx0), 0, 1)
+    x1 = np.clip((boxes[:, 3] - cx0) / (cx1 - cx0), 0, 1)
+    y0 = np.clip((boxes[:, 2] - cy0) / (cy1 - cy0), 0, 1)
+    y1 = np.clip((boxes[:, 4] - cy0) / (cy1 - cy0), 0, 1)
+    visible = (x1 - x0) * (y1 - y0) * (cx1 - cx0) * (cy1 - cy0)
+    area = np.maximum((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 4] - boxes[:, 2]), 1e-12)
+    if flip:
+        x0, x1 = 1. - x1, 1. - x0
+    cut = np.stack([boxes[:, 0], x0, y0, x1, y1], axis=1)
+    return cut[visible / area >= visible_from]
+
+
+class CropLocalisation:
+    """Running share (%) of the training crops' maps, of the observed positive ('crop_maps_observed') and of the
+    other classes with a box in view ('crop_maps_other'), whose argmax lies in the visible part of a box of that class (see
+    `boxes_in_crop`). Fed each step with the maps the criterion saw and the packed target (one host copy each)."""
+
+    def __init__(self, boxes: Sequence[np.ndarray], observed: np.ndarray, visible_from: float = 0.5):
+        self.boxes, self.observed, self.visible_from = boxes, observed, visible_from
+        self._tally = _Tally()
+
+    def update(self, maps: torch.Tensor, target: torch.Tensor) -> None:
+        packed = unpack_target(target.detach().float().cpu(), maps.shape[1])
+        if packed.index is None:
+            raise ValueError('CropLocalisation needs packed targets (sample index and crop box).')
+        maps = maps.detach().float().cpu()
+        for sample_maps, row, crop, flip in zip(maps, packed.index.tolist(), packed.boxes.tolist(),
+                                                packed.flips.tolist()):
+            in_view = boxes_in_crop(self.boxes[row], crop, flip, self.visible_from) if len(self.boxes[row]) else []
+            if len(in_view):
+                self._tally.add(argmax_in_box(sample_maps, in_view), self.observed[row])
+
+    def result(self) -> Dict[str, float]:
+        """The shares since construction (or the last `reset`)."""
+        return self._tally.result('crop_maps')
+
+    def reset(self) -> None:
+        self._tally = _Tally()

@@ -50,6 +50,7 @@ from timm_srn.data import (
     DATASET_NAMES, PackedTargetDataset, create_dataset, find_unreadable, load_observed_labels, protocol_split,
     require_label_flip, save_observed_labels)
 from timm_srn.evaluation import AMP_DTYPES, IndexedDataset, evaluate, eval_transform as evaluation_transform, predict
+from timm_srn.localisation import CropLocalisation, buffer_localisation
 from timm_srn.losses import SINGLE_POSITIVE_LOSSES, SRNStageLoss, create_single_positive_loss, loss_options
 from timm_srn.task import load_criterion_state
 
@@ -175,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='seconds a distributed collective may wait for a stalled rank before the run stops')
     g.add_argument('--no-progress', action='store_true', help='no tqdm progress bars')
     g.add_argument('--num-viz', type=int, default=4, help='validation images to visualise at the end')
+    g.add_argument('--measure-localisation', action='store_true',
+                   help="spatial single-positive losses on data with boxes (the built-in scenes): record after each "
+                        "epoch, in metrics.jsonl 'localisation', the share of stored heatmaps and of the training "
+                        "crops' maps whose argmax lies in a box of their class (one host copy of the maps per step)")
     return p
 
 
@@ -404,7 +409,8 @@ def _jsonable(args) -> Dict[str, Any]:
             and k != 'device_obj'}
 
 
-def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, epoch, step, mixup_fn, scaler, stage):
+def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, epoch, step, mixup_fn, scaler, stage,
+                    localisation: Optional[CropLocalisation] = None):
     model.train()
     if hasattr(criterion, 'set_epoch'):
         criterion.set_epoch(epoch)
@@ -427,6 +433,8 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, e
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = model(images)
             loss = criterion(output, target)
+            if localisation is not None:
+                localisation.update(criterion.latest_maps(), target)
             scaled = loss / args.grad_accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if last_accum:
@@ -539,6 +547,7 @@ def run(args) -> Dict[str, Any]:
     # built before any evaluation, so bad --loss-kwargs stop the run at once
     first_criterion = build_criterion(args, model, len(train_data), num_classes, stages[start_stage]) \
         if start_stage < len(stages) else None
+    localisation = localisation_tracker(args, first_criterion, train_set, observed)
     if resume_state is not None and _is_primary(args) and 'metrics_lines' in resume_state:
         # records written after the checkpoint (a run killed mid-epoch) are dropped: every epoch appears once
         lines = metrics_file.read_text().splitlines()[:resume_state['metrics_lines']] if metrics_file.exists() else []
@@ -591,12 +600,17 @@ def run(args) -> Dict[str, Any]:
             random_seed(args.seed + 1000 * stage_index + epoch, args.rank)  # resumable per-epoch randomness
             loader = make_loader(train_data, args, train=True, epoch=epoch)
             train_loss, step, throughput = train_one_epoch(
-                args, train_model, loader, criterion, optimizer, scheduler, ema, epoch, step, mixup_fn, scaler, stage)
+                args, train_model, loader, criterion, optimizer, scheduler, ema, epoch, step, mixup_fn, scaler, stage,
+                localisation)
             if getattr(criterion, 'pseudo_labels_due', None) and criterion.pseudo_labels_due(epoch):
                 add_pseudo_labels(args, model, criterion, train_set, observed, eval_transform, amp_dtype)
             last_eval = _evaluate(model, val_loader)
             record = dict(epoch=epoch, stage=stage, train_loss=train_loss, lr=optimizer.param_groups[0]['lr'],
                           img_per_s=throughput, eval=last_eval)
+            if localisation is not None:
+                record['localisation'] = dict(buffer_localisation(criterion.heatmaps, train_set.boxes, observed),
+                                              **localisation.result())
+                localisation.reset()
             if ema is not None:
                 record['eval_ema'] = _evaluate(ema.module, val_loader)
             history.append(record)
@@ -626,6 +640,18 @@ def run(args) -> Dict[str, Any]:
         write_text_atomic(output / 'metrics_table.txt', table + '\n')
         write_visualisations(args, model, val_set, output, criterion, train_set)
     return dict(history=history, last_eval=last_eval, summary=summary, stopped=False)
+
+
+def localisation_tracker(args, criterion, train_set, observed) -> Optional[CropLocalisation]:
+    """--measure-localisation: the per-step record of the training crops' maps (None without the option); refused
+    without a heatmap buffer or boxes."""
+    if not args.measure_localisation:
+        return None
+    if getattr(criterion, 'heatmaps', None) is None:
+        raise SetupError(f"--measure-localisation: loss '{args.loss}' keeps no heatmaps (use spatial or en-spatial)")
+    if train_set.boxes is None:
+        raise SetupError(f'--measure-localisation: dataset {args.dataset} has no boxes to measure against')
+    return CropLocalisation(train_set.boxes, observed)
 
 
 def add_pseudo_labels(args, model, criterion, train_set, observed, transform, amp_dtype) -> None:

@@ -134,7 +134,7 @@ class SpatialConsistencyLoss(nn.Module):
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
-        maps = self._latest_maps()
+        maps = self.latest_maps()
         self._validate(packed, output, maps)  # everything checked before any state changes
         logits = output.float()
         observed = packed.labels > 0.5
@@ -168,7 +168,9 @@ class SpatialConsistencyLoss(nn.Module):
             self._update(packed, logits, observed, maps)
         return loss
 
-    def _latest_maps(self) -> Optional[torch.Tensor]:
+    def latest_maps(self) -> Optional[torch.Tensor]:
+        """The attached model's heatmaps of its latest forward, as the model gives them (None without the spatial
+        term)."""
         if self.heatmaps is None:
             return None
         if self._source is None:
