@@ -1,13 +1,19 @@
 """Side-by-side timing: candidates run interleaved in one process, so ratios share the same machine state."""
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
 from timm_srn.cli import HelpFormatter
 from timm_srn.evaluation import AMP_DTYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tests'))
+from scripts import load_script  # noqa: E402  the training scripts imported as modules, as the tests do
 
 
 def sync(device: torch.device) -> None:

@@ -30,7 +30,6 @@ import json
 import logging
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -48,10 +47,7 @@ from timm_srn.imagenet_weights import save_efficientnet_lite0
 from timm_srn.localisation import map_localisation
 from timm_srn.metrics import average_precision
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tests'))
-from scripts import load_script  # noqa: E402  train.py imported as a module, as the tests do
-from common import device_name  # noqa: E402
+from common import ROOT, device_name, load_script
 
 RESULTS_DIR = ROOT / 'benchmarks' / 'results'
 README_START, README_END = '<!-- paper_claims:start -->', '<!-- paper_claims:end -->'
@@ -268,8 +264,9 @@ def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.devi
 # --- report -------------------------------------------------------------------------------------------------------
 
 SINGLE_POSITIVE_METRICS = ('mAP', 'mAP_relations', 'mAP_objects', 'localisation', 'crop_mAP', 'crop_accuracy')
+BUFFER_METRICS = ('buffer_observed', 'buffer_other', 'crop_maps_observed', 'crop_maps_other')
 METRICS = ('mAP', 'mAP_relations', 'mAP_objects', 'mAP_y_cls', 'mAP_y_att', 'mAP_y_sr', 'fused_minus_y_cls',
-           'localisation', 'crop_mAP', 'crop_accuracy')
+           'localisation', 'crop_mAP', 'crop_accuracy', *BUFFER_METRICS)
 
 
 def aggregate(runs: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Any]:
@@ -351,6 +348,28 @@ def findings(settings: Dict[str, Any]) -> List[str]:
         if lines else []
 
 
+def buffer_tables(settings: Dict[str, Any], header: Dict[str, str]) -> List[str]:
+    """Where the spatial runs' maps point (train.py --measure-localisation): the final epoch per setting, and epoch
+    by epoch (mean over seeds) for the settings that ran it."""
+    names = [n for n, s in settings.items() if any(m in s['metrics'] for m in BUFFER_METRICS)]
+    if not names:
+        return []
+    lines = ['**Where the stored heatmaps and the training crops\' maps point** (share % whose argmax lies in a box of '
+             'their class; buffer: whole-image frame, after the epoch; crop maps: the maps the criterion compared, '
+             'in each training crop, classes with at least half their box in view)', '',
+             '| setting | ' + ' | '.join(header[m] for m in BUFFER_METRICS) + ' |', '|---|' + '---|' * len(BUFFER_METRICS)]
+    lines += [f'| {_setting_label(n, settings[n])} | ' + ' | '.join(_cell(settings[n]['metrics'], m)
+                                                                 for m in BUFFER_METRICS) + ' |' for n in names]
+    lines += ['', '| setting | epoch | ' + ' | '.join(header[m] for m in BUFFER_METRICS) + ' |',
+              '|---|---|' + '---|' * len(BUFFER_METRICS)]
+    for name in names:
+        runs = [r['localisation_by_epoch'] for r in settings[name]['seeds'].values() if 'localisation_by_epoch' in r]
+        for epoch in range(min(map(len, runs))):
+            cells = [f"{statistics.fmean(run[epoch].get(m, float('nan')) for run in runs):.1f}" for m in BUFFER_METRICS]
+            lines.append(f'| {_setting_label(name, settings[name])} | {epoch} | ' + ' | '.join(cells) + ' |')
+    return lines + ['']
+
+
 def markdown(results: Dict[str, Any]) -> str:
     """The study's tables (what the README shows), from the results JSON alone."""
     settings = results['settings']
@@ -369,7 +388,9 @@ def markdown(results: Dict[str, Any]) -> str:
               ('ablation', 'Spatial-term ablation (AN + spatial; each row changes one thing)', SINGLE_POSITIVE_METRICS)]
     header = {'mAP': 'test mAP', 'mAP_relations': 'arrangement classes', 'mAP_objects': 'object classes',
               'mAP_y_cls': 'y_cls', 'mAP_y_att': 'y_att', 'mAP_y_sr': 'y_sr', 'fused_minus_y_cls': 'fused − y_cls',
-              'localisation': 'localisation (%)', 'crop_mAP': 'cropped-out: mAP', 'crop_accuracy': 'cropped-out: accuracy'}
+              'localisation': 'localisation (%)', 'crop_mAP': 'cropped-out: mAP', 'crop_accuracy': 'cropped-out: accuracy',
+              'buffer_observed': 'buffer: observed positive', 'buffer_other': 'buffer: other present',
+              'crop_maps_observed': 'crop maps: observed positive', 'crop_maps_other': 'crop maps: other present'}
     for group, title, metrics in groups:
         names = [n for n, s in settings.items() if s['group'] == group]
         if group == 'single positive' and 'full' in settings:
@@ -389,6 +410,7 @@ def markdown(results: Dict[str, Any]) -> str:
                      for m in metrics]
             lines.append(f'| {_setting_label(name, settings[name])} | ' + ' | '.join(cells) + ' |')
         lines.append('')
+    lines += buffer_tables(settings, header)
     lines += findings(settings)
     lines.append(f"Cropped-out: each protocol training image under {cfg['crops_per_image']} fixed RandomResizedCrops; "
                  f"kept where less than {cfg['cropped_out_below']:.0%} of the observed positive's box stays in view. "

@@ -449,6 +449,8 @@ def train_one_epoch(args, model, loader, criterion, optimizer, scheduler, ema, e
             if ema is not None:
                 ema.update(unwrap_model(model), step=step)
         losses.append(loss.item())
+        if hasattr(criterion, 'raise_if_invalid'):  # bad input found on the device in the step, now the host waits anyway
+            criterion.raise_if_invalid()
         if not math.isfinite(losses[-1]):
             raise RunError(f'loss is {losses[-1]} at epoch {epoch}, batch {batch_idx}: training diverged (lower --lr, '
                            f'or use --amp bf16 instead of fp16); last.pth.tar holds the previous epoch')

@@ -162,5 +162,7 @@ def test_factory_and_errors():
         create_single_positive_loss('nope', 4, 3)
     with pytest.raises(ValueError, match='packed targets'):
         RoleLoss(4, 3)(LOGITS, LABELS)
-    with pytest.raises(ValueError, match='Mixup/CutMix'):
-        AssumeNegativeLoss()(LOGITS, torch.tensor([[0.7, 0.3, 0.]]))
+    soft = torch.tensor([[0.7, 0.3, 0.]])  # stateless: used as given, no check on the device
+    torch.testing.assert_close(AssumeNegativeLoss()(LOGITS, soft), F.binary_cross_entropy_with_logits(LOGITS, soft))
+    with pytest.raises(ValueError, match='Mixup/CutMix'):  # per-sample state: checked first
+        RoleLoss(4, 3)(LOGITS, pack_target(soft[0], 0)[None])

@@ -67,9 +67,9 @@ def test_amp_training_steps_on_gpu_follow_fp32(amp):
     torch.testing.assert_close(torch.tensor(losses[amp]), torch.tensor(losses['fp32']), rtol=3e-2, atol=1e-3)
 
 
-def test_one_gpu_synchronisation_per_criterion_call():
-    """The criterion's checks read one host copy of the target; reading and writing the buffers needs none. (torch
-    may report that copy twice, once from outside timm_srn's frames: only timm_srn sites are counted.)"""
+def test_no_gpu_synchronisation_in_a_criterion_call():
+    """The criterion checks its input on the device and never waits for it (torch's sync debug mode reports every
+    synchronising call; `raise_if_invalid` is the one place that reads the device, outside the step)."""
     import traceback
     import warnings
     device = torch.device('cuda')
@@ -95,5 +95,4 @@ def test_one_gpu_synchronisation_per_criterion_call():
             criterion(output, target)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    ours = [site for site in sites if site]
-    assert len(ours) == 1 and ours[0].startswith('/data/targets.py'), sites
+    assert not sites, sites

@@ -73,16 +73,31 @@ def test_duplicate_indices_apply_in_batch_order():
     torch.testing.assert_close(buf.maps[0, :, 0, 0], torch.full((3,), 2.25))
 
 
-@pytest.mark.parametrize('index', [[0, 0, 0], [2, 0, 2], [1, 3, 2]])
-def test_host_index_counts_repeats_like_the_device_index(index):
-    """The criterion's path (a validated host copy of the index) applies the same updates, repeats included."""
-    maps = torch.tensor([1., 2., 3.]).view(3, 1, 1, 1).expand(3, 3, 1, 1)
+@pytest.mark.parametrize('index', [[0, 0, 0], [2, 0, 2, 2, 0], [1, 3, 2]])
+@pytest.mark.parametrize('classes_per_sample', [None, 2])
+def test_one_batch_with_repeats_equals_its_rows_written_one_by_one(index, classes_per_sample):
+    """The closed-form update of repeated samples (no loop, no host sync) equals writing the rows in batch order as
+    separate batches, with crops that cover different cells, flips, and unkept rows that write nothing."""
+    generator = torch.Generator().manual_seed(len(index))
     index = torch.tensor(index)
-    buffers = [_buffer(size=(1, 1)) for _ in range(2)]
-    for buf, host_index in zip(buffers, (None, index.clone())):
-        buf.write(index, maps, FULL.expand(3, 4), torch.zeros(3, dtype=torch.bool), momentum=0.5, host_index=host_index)
-    torch.testing.assert_close(buffers[1].maps, buffers[0].maps)
-    assert torch.equal(buffers[1].seen, buffers[0].seen)
+    batch = len(index)
+    maps = torch.randn(batch, 3, 3, 3, generator=generator)
+    lo = torch.rand(batch, 2, generator=generator) * 0.5
+    boxes = torch.cat([lo, lo + 0.3 + torch.rand(batch, 2, generator=generator) * 0.2], 1)
+    flips = torch.rand(batch, generator=generator) < 0.5
+    keep = torch.ones(batch, dtype=torch.bool)
+    keep[-1] = batch < 4  # the last row of the longer batch is refused by the caller
+    together, one_by_one = (HeatmapBuffer(4, 3, (5, 5), torch.float32, classes_per_sample=classes_per_sample)
+                            for _ in range(2))
+    together.write(index, maps, boxes, flips, momentum=0.7, keep=keep)
+    for row in range(batch):
+        if keep[row]:
+            one_by_one.write(index[row:row + 1], maps[row:row + 1], boxes[row:row + 1], flips[row:row + 1], 0.7)
+    torch.testing.assert_close(together.maps, one_by_one.maps)
+    assert torch.equal(together.seen, one_by_one.seen)
+    if classes_per_sample:
+        assert torch.equal(together.class_ids, one_by_one.class_ids)
+    assert int(together.skipped_rows) == 0  # refused rows are the caller's to report
 
 
 def test_bad_input_raises_before_any_write():

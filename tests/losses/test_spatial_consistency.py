@@ -1,4 +1,6 @@
 """SpatialConsistencyLoss as a drop-in timm criterion."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ import timm
 from timm.task import MultiLabelClassificationTask
 
 from timm_srn.data import pack_target, unpack_target
-from timm_srn.losses import HeatmapSource, SpatialConsistencyLoss
+from timm_srn.losses import HeatmapSource, SpatialConsistencyLoss, create_single_positive_loss
 
 C = 5
 
@@ -133,6 +135,7 @@ def test_clear_errors():
     soft[0, 1] = 0.3
     with pytest.raises(ValueError, match='Mixup/CutMix'):
         criterion(torch.zeros(2, C), soft)
+        criterion.raise_if_invalid()
     with pytest.raises(RuntimeError, match='attach'):
         SpatialConsistencyLoss(4, C)(torch.zeros(2, C), _batch([0, 1]))
     plain_ok = SpatialConsistencyLoss(4, C, consistency_weight=0., spatial_weight=0.)
@@ -185,3 +188,82 @@ def test_align_crops_false_stores_crops_as_whole_images():
         stored[align] = criterion.heatmaps.maps.clone()
         assert bool(criterion.heatmaps.seen.all())
     torch.testing.assert_close(stored[False], stored[True])
+
+
+class _Maps:
+    def __init__(self):
+        self.maps = None
+
+    def latest(self):
+        return self.maps
+
+    def remove(self):
+        pass
+
+
+def _fixed_batches(num_classes=5, num_samples=9, steps=12, batch=6):
+    """Crops, flips and a repeated sample in every third batch (the sequence the recorded values came from)."""
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        index = torch.randint(0, num_samples, (batch,), generator=generator)
+        if step % 3 == 2:
+            index[1] = index[0]
+            index[4] = index[0]
+        rows = []
+        for i in index.tolist():
+            x0, y0 = torch.rand(2, generator=generator) * 0.5
+            w, h = 0.3 + torch.rand(2, generator=generator) * 0.5
+            labels = torch.zeros(num_classes)
+            labels[i % num_classes] = 1
+            box = (float(x0), float(y0), float(min(x0 + w, 1)), float(min(y0 + h, 1)))
+            rows.append(pack_target(labels, i, box, bool(torch.rand(1, generator=generator) < 0.5)))
+        logits = torch.randn(batch, num_classes, generator=generator) * 2
+        yield logits, torch.stack(rows), torch.randn(batch, num_classes, 5, 5, generator=generator) * 2, step / 4
+
+
+RECORDED = {'consistency': dict(warmup_epochs=1.0), 'en': dict(warmup_epochs=1.0), 'spatial': dict(warmup_epochs=1.0),
+            'en-spatial': dict(warmup_epochs=1.0), 'spatial-topk': dict(warmup_epochs=0.5, classes_per_sample=2),
+            'spatial-logit-noalign': dict(warmup_epochs=0.5, spatial_space='logit', align_crops=False, momentum=0.9)}
+
+
+@pytest.mark.parametrize('case', list(RECORDED))
+def test_values_equal_the_criterion_before_the_synchronisation_free_rewrite(case):
+    """Losses, terms and every buffer after 12 steps equal those recorded from the previous implementation (a host
+    copy per step and a loop over repeated samples; float32 storage, so only float rounding may differ)."""
+    recorded = torch.load(Path(__file__).parent / 'criteria_before_refactor.pt')[case]
+    torch.manual_seed(0)
+    criterion = create_single_positive_loss(case.split('-topk')[0].split('-logit')[0], 9, 5,
+                                            heatmap_dtype=torch.float32, **RECORDED[case])
+    criterion._source = _Maps() if criterion.heatmaps is not None else None
+    losses, terms = [], []
+    for logits, target, maps, epoch in _fixed_batches():
+        criterion.set_epoch(epoch)
+        if criterion._source is not None:
+            criterion._source.maps = maps
+        losses.append(criterion(logits, target).detach())
+        terms.append(criterion.last_terms)
+    torch.testing.assert_close(torch.stack(losses), recorded['losses'], rtol=1e-6, atol=1e-6)
+    for now, before in zip(terms, recorded['terms']):
+        assert now.keys() == before.keys() and all(abs(now[k] - before[k]) < 1e-6 for k in now)
+    state = criterion.state_dict()
+    assert state.keys() == recorded['state'].keys()
+    for key, value in recorded['state'].items():
+        torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('backend', ['eager', 'aot_eager'])
+def test_compiled_criterion_equals_the_eager_one(backend):
+    """compile_backend runs each call under torch.compile(fullgraph=True): possible only without a host
+    synchronisation; the losses and every buffer equal the eager criterion's."""
+    torch.compiler.reset()
+    eager, compiled = (create_single_positive_loss('en-spatial', 9, 5, warmup_epochs=1.0, heatmap_dtype=torch.float32,
+                                                   **kwargs) for kwargs in ({}, dict(compile_backend=backend)))
+    for criterion in (eager, compiled):
+        criterion._source = _Maps()
+    for logits, target, maps, epoch in _fixed_batches(steps=8):
+        for criterion in (eager, compiled):
+            criterion.set_epoch(epoch)
+            criterion._source.maps = maps
+        torch.testing.assert_close(compiled(logits, target), eager(logits, target))
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value)

@@ -9,12 +9,15 @@ The index is split base 2**16 into two float32 fields, each exact, so indices st
 2**40 (float32 alone is exact only to 2**24). The box is the crop in [0, 1] coordinates of the
 original image and `flip` marks a horizontal flip applied after the crop.
 """
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
-    'PackedTarget', 'pack_target', 'unpack_target', 'unpack_observed', 'invalid_box_rows', 'NUM_PACKED_FIELDS', 'FULL_BOX']
+    'PackedTarget', 'pack_target', 'unpack_target', 'check_target_shape', 'unpack_observed', 'check_observed', 'PackedTargetCheck',
+    'invalid_box_rows', 'NUM_PACKED_FIELDS', 'FULL_BOX']
 
 NUM_PACKED_FIELDS = 7
 FULL_BOX = (0., 0., 1., 1.)
@@ -26,7 +29,6 @@ class PackedTarget(NamedTuple):
     index: Optional[torch.Tensor]  # (B,) int64 dataset indices, None for plain targets
     boxes: Optional[torch.Tensor]  # (B, 4) crop boxes (x0, y0, x1, y1) in [0, 1]
     flips: Optional[torch.Tensor]  # (B,) bool, horizontal flip after the crop
-    host: Optional[Any] = None  # the same PackedTarget on the CPU, already validated (`unpack_observed`)
 
 
 def pack_target(
@@ -87,8 +89,9 @@ def unpack_target(target: torch.Tensor, num_classes: int) -> PackedTarget:
     return packed
 
 
-def _split(target: torch.Tensor, num_classes: int) -> PackedTarget:
-    """`unpack_target` without the value checks: shapes only, no host synchronisation."""
+def _split(target: torch.Tensor, num_classes: int, fields: bool = True) -> PackedTarget:
+    """`unpack_target` without the value checks: shapes only, no host synchronisation. `fields=False`: the labels
+    alone (index, boxes and flips left None)."""
     if target.ndim != 2:
         raise ValueError(f'Expected a (batch, classes) target, got shape {tuple(target.shape)}.')
     width = target.shape[1]
@@ -98,33 +101,84 @@ def _split(target: torch.Tensor, num_classes: int) -> PackedTarget:
         raise ValueError(
             f'Target has {width} columns; expected {num_classes} (plain labels) or '
             f'{num_classes + NUM_PACKED_FIELDS} (labels packed with index and crop geometry by pack_target).')
-    extra = target[:, num_classes:].float()
-    index = extra[:, 0].long() * _INDEX_BASE + extra[:, 1].long()
-    return PackedTarget(target[:, :num_classes], index, extra[:, 2:6], extra[:, 6] > 0.5)
+    if not fields:
+        return PackedTarget(target.narrow(1, 0, num_classes), None, None, None)
+    extra = target.narrow(1, num_classes, NUM_PACKED_FIELDS).float()
+    halves = extra.narrow(1, 0, 2).long()
+    index = halves[:, 0] * _INDEX_BASE + halves[:, 1]
+    return PackedTarget(target.narrow(1, 0, num_classes), index, extra.narrow(1, 2, 4), extra[:, 6] > 0.5)
+
+
+def check_target_shape(output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str) -> None:
+    """The shape checks of `unpack_observed`, from tensor metadata alone (no device work)."""
+    if output.ndim != 2:
+        raise ValueError(f'{criterion_name} expects (batch, classes) logits, got shape {tuple(output.shape)}.')
+    num_classes = output.shape[1]
+    if target.ndim != 2:
+        raise ValueError(f'Expected a (batch, classes) target, got shape {tuple(target.shape)}.')
+    if target.shape[1] not in (num_classes, num_classes + NUM_PACKED_FIELDS):
+        raise ValueError(
+            f'Target has {target.shape[1]} columns; expected {num_classes} (plain labels) or '
+            f'{num_classes + NUM_PACKED_FIELDS} (labels packed with index and crop geometry by pack_target).')
+    if len(target) != len(output):
+        raise ValueError(f'{criterion_name}: {len(output)} rows of logits but {len(target)} rows of targets.')
+    if needs_index and target.shape[1] == num_classes:
+        raise ValueError(
+            f'{criterion_name} keeps per-sample state and needs targets packed with the sample index (packed targets '
+            'from timm_srn.data.pack_target / PackedTargetDataset); got plain (batch, classes) targets.')
 
 
 def unpack_observed(
         output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str) -> PackedTarget:
-    """`unpack_target` for single-positive criteria: float 0/1 observed labels, and the sample index when the
-    criterion keeps per-sample state. Soft labels mean Mixup/CutMix, which mixes samples: rejected. Non-finite
-    logits raise `FloatingPointError` naming the rows (and sample indices), before the criterion changes any
-    state: a NaN loss is never returned silently.
+    """`unpack_target` for single-positive criteria, from shapes alone (`check_target_shape`): no device work beyond
+    slicing and no host synchronisation (a training step stays capturable). Float observed labels, and the sample
+    index, boxes and flips when the criterion keeps per-sample state. Values are checked by `PackedTargetCheck`
+    (`PackedTargetCheck`: on the device, inside the step) and described by `check_observed` (on the host)."""
+    check_target_shape(output, target, needs_index, criterion_name)
+    packed = _split(target, output.shape[1], fields=needs_index)
+    return packed._replace(labels=packed.labels.float())
 
-    Every check reads one host copy of the target and of which logit rows are finite: a single GPU
-    synchronisation per call. That copy, validated, is returned as `host` for the criterion's own checks."""
-    if output.ndim != 2:
-        raise ValueError(f'{criterion_name} expects (batch, classes) logits, got shape {tuple(output.shape)}.')
+
+class PackedTargetCheck(nn.Module):
+    """Rows of packed targets that `check_observed` would refuse, found on the device without synchronisation:
+    labels other than 0 / 1, index fields that are not an exact index below `num_samples`, boxes outside [0, 1] or
+    empty, flips other than 0 / 1, or logits that are not finite. Every packed column must lie within its bounds and
+    be an integer where it counts; the violations are summed per row (NaN for non-finite values), so the whole
+    check is a fixed handful of kernels."""
+
+    def __init__(self, num_classes: int, num_samples: int):
+        super().__init__()
+        self.num_classes, self.num_samples = num_classes, num_samples
+        # columns: labels (C), index high and low halves, x0 y0 x1 y1, flip
+        upper = [1.] * num_classes + [float((num_samples - 1) // _INDEX_BASE), _INDEX_BASE - 1., 1., 1., 1., 1., 1.]
+        integer = [1.] * num_classes + [1., 1., 0., 0., 0., 0., 1.]
+        self.register_buffer('upper', torch.tensor(upper), persistent=False)
+        self.register_buffer('integer', torch.tensor(integer), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the rows to refuse. `index`: the rows' sample indices as unpacked (`unpack_observed`)."""
+        values = target.float()
+        violations = F.relu(-values) + F.relu(values - self.upper) + self.integer * (values - values.round()).abs()
+        widths = values.narrow(1, self.num_classes + 4, 2) - values.narrow(1, self.num_classes + 2, 2)
+        total = violations.sum(1) + (logits - logits).sum(1)  # NaN for a non-finite value anywhere in the row
+        return (total != 0) | (widths.amin(1) <= 0) | (index >= self.num_samples)
+
+
+def check_observed(output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str,
+                   num_samples: Optional[int] = None) -> PackedTarget:
+    """`unpack_observed` plus every value check, on one host copy of the target and of which logit rows are finite
+    (a GPU synchronisation): raises naming the first bad row. Soft labels mean Mixup/CutMix, which mixes samples;
+    non-finite logits raise `FloatingPointError` naming the rows (and sample indices); an index outside
+    [0, num_samples) raises `IndexError`. Returns the host copy, validated."""
+    packed = unpack_observed(output, target, needs_index, criterion_name)
     num_classes = output.shape[1]
-    packed = _split(target, num_classes)
-    if len(target) != len(output):
-        raise ValueError(f'{criterion_name}: {len(output)} rows of logits but {len(target)} rows of targets.')
     finite_rows = torch.isfinite(output.detach()).all(1, keepdim=True)
     host = torch.cat([target.detach().float(), finite_rows.float()], dim=1).cpu()
     host_packed = unpack_target(host[:, :-1], num_classes)
     nonfinite = host[:, -1] == 0
     if bool(nonfinite.any()):
         rows = nonfinite.nonzero()[:, 0].tolist()
-        samples = f' (dataset indices {host_packed.index[rows].tolist()[:8]})' if packed.index is not None else ''
+        samples = f' (dataset indices {host_packed.index[rows].tolist()[:8]})' if host_packed.index is not None else ''
         raise FloatingPointError(
             f'{criterion_name}: non-finite logits (NaN or Inf) in batch rows {rows[:8]}{samples}. The model diverged '
             f'or overflowed (lower the learning rate, or use --amp bf16 instead of fp16); no state was updated.')
@@ -132,8 +186,10 @@ def unpack_observed(
         raise ValueError(
             'Targets are soft (values other than 0 and 1): Mixup/CutMix mix samples and cannot be combined with '
             'per-sample buffers or single-positive labels. Disable mixup/cutmix for this criterion.')
-    if needs_index and packed.index is None:
-        raise ValueError(
-            f'{criterion_name} keeps per-sample state and needs targets packed with the sample index (packed targets '
-            'from timm_srn.data.pack_target / PackedTargetDataset); got plain (batch, classes) targets.')
-    return packed._replace(labels=packed.labels.float(), host=host_packed)
+    if num_samples is not None and host_packed.index is not None:
+        outside = (host_packed.index >= num_samples).nonzero()[:, 0]
+        if len(outside):
+            row = int(outside[0])
+            raise IndexError(f'Sample index {int(host_packed.index[row])} at batch row {row} is outside the buffer '
+                             f'[0, {num_samples}).')
+    return host_packed

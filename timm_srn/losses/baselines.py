@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.targets import unpack_observed
+from ..data.targets import check_observed, unpack_observed
 
 __all__ = [
     'AssumeNegativeLoss', 'WeakAssumeNegativeLoss', 'ExpectedPositiveLoss', 'RoleLoss', 'LargeLossLoss',
@@ -45,12 +45,20 @@ EXPECTED_POSITIVES = {'voc': 1.5, 'coco': 2.5, 'nuswide': 1.9, 'cub': 31.4}
 
 
 class _SinglePositiveLoss(nn.Module):
-    """Splits packed or plain targets into observed labels (and sample indices)."""
+    """Splits packed or plain targets into observed labels (and sample indices).
+
+    Stateless criteria read the target's shape only: no value checks, no host synchronisation (soft targets are
+    used as given; non-finite logits give a non-finite loss, which the training loop sees). Criteria with
+    per-sample state (`needs_index`) check every value on one host copy first (`check_observed`), so bad input
+    never reaches their state."""
 
     needs_index = False
+    num_samples: Optional[int] = None  # rows of the per-sample state (criteria with `needs_index`)
 
     def _labels(self, output: torch.Tensor, target: torch.Tensor):
         packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
+        if self.needs_index:
+            check_observed(output, target, True, type(self).__name__, self.num_samples)
         return packed.labels, packed.index
 
     def set_epoch(self, epoch: float) -> None:
@@ -115,6 +123,7 @@ class RoleLoss(_SinglePositiveLoss):
         # unobserved entries start uniform in [logit(0.4), logit(0.6)]; observed positives are set to logit(0.995)
         # the first time their sample is seen (the observed labels arrive with the targets)
         spread = math.log(0.6 / 0.4)
+        self.num_samples = num_samples
         self.label_logits = nn.Parameter(spread * (2 * torch.rand(num_samples, num_classes) - 1))
         self.register_buffer('initialised', torch.zeros(num_samples, dtype=torch.bool))
 
@@ -163,6 +172,7 @@ class LargeLossLoss(_SinglePositiveLoss):
         if self.needs_index:
             if num_samples is None or num_classes is None:
                 raise ValueError('LL-Cp needs num_samples and num_classes for its permanent label flips.')
+            self.num_samples = num_samples
             self.register_buffer('flipped', torch.zeros(num_samples, num_classes, dtype=torch.bool))
 
     def rate(self) -> float:
@@ -223,6 +233,7 @@ class EntropyMaximizationLoss(_SinglePositiveLoss):
                 raise ValueError('EM+APL needs num_samples and num_classes for its per-sample pseudo-labels.')
             if num_epochs <= warmup_epochs:
                 raise ValueError(f'EM+APL needs num_epochs ({num_epochs}) > warmup_epochs ({warmup_epochs}).')
+            self.num_samples = num_samples
             self.register_buffer('pseudo_labelled', torch.zeros(num_samples, num_classes, dtype=torch.bool))
             self.register_buffer('pseudo_targets', torch.zeros(num_samples, num_classes))
 

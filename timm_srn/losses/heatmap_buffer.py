@@ -12,11 +12,13 @@ Storage modes:
   needs 126 GB dense but 1.0 GB with K=8.
 
 Duplicate indices in one batch (repeated augmentation) are applied in batch order: the k-th occurrence
-of an index is written after the (k-1)-th, exactly as if they came in consecutive batches.
+of an index is written after the (k-1)-th, as if they came in consecutive batches (in closed form, no loop).
+Given `keep` (rows the caller validated on the device), read and write launch a fixed set of kernels and never
+synchronise with the host, so a training step can be captured (CUDA graphs, torch.compile fullgraph).
 Under torch.distributed every write is all-gathered and applied in rank order on every rank, so all
 ranks hold identical contents, equal to one process fed the concatenated global batch.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,45 +26,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.task.evaluator import _gather_rows
 
-from ..data.targets import invalid_box_rows
+from ..data.targets import FULL_BOX, invalid_box_rows
 
-__all__ = ['HeatmapBuffer', 'crop_to_frame_grid', 'frame_to_crop_grid']
+__all__ = ['HeatmapBuffer', 'RowGroups', 'crop_to_frame_grid', 'frame_to_crop_grid', 'row_groups']
 
 
-def _centres(n: int, device: torch.device) -> torch.Tensor:
-    return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+_CELLS: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _cells(size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(h, w, 2) cell centres (x, y) in [0, 1] of a size-(h, w) map; made once per size and device."""
+    key = (*size, device)
+    if key not in _CELLS:
+        height, width = size
+        x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+        y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+        _CELLS[key] = torch.stack(torch.meshgrid(x, y, indexing='xy'), -1)
+    return _CELLS[key]
+
+
+def _flip_xy(boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """(B, 2): 1 in x for flipped rows, 0 in y, as a float factor."""
+    return F.pad(flips.to(boxes.dtype)[:, None], (0, 1))
 
 
 def crop_to_frame_grid(boxes: torch.Tensor, flips: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """grid_sample grid (B, h, w, 2) sampling the whole-image frame at the cell centres of each crop."""
-    height, width = size
-    u = _centres(width, boxes.device).expand(len(boxes), -1)
-    u = torch.where(flips[:, None], 1. - u, u)
-    v = _centres(height, boxes.device).expand(len(boxes), -1)
-    x = boxes[:, 0:1] + u * (boxes[:, 2:3] - boxes[:, 0:1])
-    y = boxes[:, 1:2] + v * (boxes[:, 3:4] - boxes[:, 1:2])
-    return torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1) * 2. - 1.
+    """grid_sample grid (B, h, w, 2) sampling the whole-image frame at the cell centres of each crop: one affine map
+    per row, x = x0 + u (x1 - x0), with u -> 1 - u for flipped crops (written as offset + u * scale)."""
+    lo, extent = boxes[:, :2], boxes[:, 2:] - boxes[:, :2]
+    flip = _flip_xy(boxes, flips)
+    scale = extent * (1. - 2. * flip) * 2.
+    offset = (lo + flip * extent) * 2. - 1.
+    return torch.addcmul(offset.view(-1, 1, 1, 2), _cells(size, boxes.device), scale.view(-1, 1, 1, 2))
 
 
 def frame_to_crop_grid(boxes: torch.Tensor, flips: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """grid (B, H, W, 2) sampling each crop's maps at the buffer's cell centres, and the (B, H, W) mask
-    of buffer cells whose centre lies inside the crop box."""
-    height, width = size
-    x = _centres(width, boxes.device)[None]
-    y = _centres(height, boxes.device)[None]
-    u = (x - boxes[:, 0:1]) / (boxes[:, 2:3] - boxes[:, 0:1])
-    v = (y - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2])
-    inside_x = (u >= 0) & (u <= 1)
-    inside_y = (v >= 0) & (v <= 1)
-    u = torch.where(flips[:, None], 1. - u, u)
-    grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1) * 2. - 1.
-    return grid, inside_y[:, :, None] & inside_x[:, None, :]
+    of buffer cells whose centre lies inside the crop box (the inverse of `crop_to_frame_grid`)."""
+    lo, extent = boxes[:, :2], boxes[:, 2:] - boxes[:, :2]
+    u = (_cells(size, boxes.device) - lo.view(-1, 1, 1, 2)) / extent.view(-1, 1, 1, 2)  # (B, H, W, 2) in the crop
+    inside = ((u >= 0) & (u <= 1)).all(-1)
+    flip = _flip_xy(boxes, flips).view(-1, 1, 1, 2)
+    return torch.addcmul(flip, u, 1. - 2. * flip) * 2. - 1., inside
 
 
-def _occurrence_rank(index: torch.Tensor) -> torch.Tensor:
-    """For each row, how many earlier rows of the batch hold the same index (0 for the first)."""
-    same = index[:, None] == index[None, :]
-    return torch.tril(same, diagonal=-1).sum(dim=1)
+class RowGroups(NamedTuple):
+    """Rows of a batch holding the same sample (repeated augmentation), for the closed-form EMA of repeats."""
+    same: torch.Tensor  # (B, B) bool: rows r and s hold one sample
+    leader: torch.Tensor  # (B,) the first row of each row's group
+    order: torch.Tensor  # (3, B, B) float: [s after r in r's group, s before r, s in r's group]
+
+
+def row_groups(index: torch.Tensor) -> RowGroups:
+    """`RowGroups` of a batch's sample indices (once per batch: every buffer written with them shares it)."""
+    same = index.view(-1, 1) == index.view(1, -1)
+    after = same.triu(1).float()
+    return RowGroups(same, same.int().argmax(1), torch.stack([after, after.t(), same.float()]))
 
 
 class HeatmapBuffer(nn.Module):
@@ -149,30 +168,43 @@ class HeatmapBuffer(nn.Module):
     def read(
             self,
             index: torch.Tensor,
-            boxes: torch.Tensor,
-            flips: torch.Tensor,
-            size: Tuple[int, int],
-            host_index: Optional[torch.Tensor] = None,
+            boxes: Optional[torch.Tensor] = None,
+            flips: Optional[torch.Tensor] = None,
+            size: Optional[Tuple[int, int]] = None,
+            checked: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Stored maps resampled into each crop's frame: (maps (B, C, h, w) float32, valid (B, C, h, w) bool).
-        `host_index`: see `write`."""
-        flips = flips.bool()
-        if host_index is None:
-            self.validate(index, boxes, flips)
-        grid = crop_to_frame_grid(boxes.float(), flips, size)
-        stored = F.grid_sample(self.maps[index].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
-        seen = F.grid_sample(self.seen[index][:, None].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
-        valid = seen >= 1. - 1e-4  # every bilinear neighbour has been seen
+        `boxes` / `flips` None: the whole unflipped image, read as stored when `size` is the buffer's (the default).
+        `checked`: the caller has validated index and boxes, or refuses the rows it has not and gives them an
+        index inside the buffer (`validate` runs otherwise: one host synchronisation)."""
+        size = tuple(size or self.size)
+        if not checked:
+            self.validate(index, *self._frame(index, boxes, flips))
+        maps, seen = self.maps[index].float(), self.seen[index]
+        if boxes is not None or size != self.size:
+            boxes, flips = self._frame(index, boxes, flips)
+            grid = crop_to_frame_grid(boxes.float(), flips.bool(), size)
+            sampled = F.grid_sample(torch.cat([maps, seen[:, None].float()], 1), grid, mode='bilinear',
+                                    padding_mode='border', align_corners=False)
+            maps, seen = sampled[:, :-1], sampled[:, -1] >= 1. - 1e-4  # every bilinear neighbour has been seen
+        valid = seen[:, None].expand_as(maps)
         if self.class_ids is None:
-            return stored, valid.expand_as(stored)
-        maps = stored.new_zeros(len(index), self.num_classes, *size)
+            return maps, valid
+        # top-k: slot k holds class class_ids[k]; untracked classes (-1) land in a spare column that is dropped
         ids = self.class_ids[index].long()
-        tracked = ids >= 0
-        rows = torch.arange(len(index), device=index.device)[:, None].expand_as(ids)
-        maps[rows[tracked], ids[tracked]] = stored[tracked]
-        valid_classes = torch.zeros(len(index), self.num_classes, dtype=torch.bool, device=index.device)
-        valid_classes[rows[tracked], ids[tracked]] = True
-        return maps, valid_classes[:, :, None, None] & valid
+        columns = torch.where(ids >= 0, ids, self.num_classes)[:, :, None, None].expand_as(maps)
+        full = maps.new_zeros(len(index), self.num_classes + 1, *size).scatter_(1, columns, maps)
+        tracked = valid.new_zeros(len(index), self.num_classes + 1, *size).scatter_(1, columns, valid)
+        return full[:, :-1], tracked[:, :-1]
+
+    def _frame(self, index: torch.Tensor, boxes: Optional[torch.Tensor],
+               flips: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(boxes, flips), the whole unflipped image where not given."""
+        if boxes is None:
+            boxes = index.new_tensor(FULL_BOX, dtype=torch.float32).expand(len(index), 4)
+        if flips is None:
+            flips = torch.zeros(len(index), dtype=torch.bool, device=index.device)
+        return boxes, flips.bool()
 
     # --- write ---
 
@@ -181,88 +213,99 @@ class HeatmapBuffer(nn.Module):
             self,
             index: torch.Tensor,
             maps: torch.Tensor,
-            boxes: torch.Tensor,
-            flips: torch.Tensor,
-            momentum: float,
+            boxes: Optional[torch.Tensor] = None,
+            flips: Optional[torch.Tensor] = None,
+            momentum: float = 0.5,
             class_scores: Optional[torch.Tensor] = None,
             positives: Optional[torch.Tensor] = None,
-            host_index: Optional[torch.Tensor] = None,
+            keep: Optional[torch.Tensor] = None,
+            groups: Optional[RowGroups] = None,
     ) -> None:
         """EMA-update the buffer with crop maps (B, C, h, w): stored = momentum * stored + (1 - momentum) * new
-        inside each crop box; cells seen for the first time take the new value. Rows with non-finite maps are
-        skipped and counted in `skipped_rows`. `class_scores` / `positives` (B, C) choose a sample's classes
-        in top-k mode at its first write (default scores: the maps' spatial mean).
+        inside each crop box; cells seen for the first time take the new value. Rows with non-finite maps write
+        nothing and are counted in `skipped_rows`; rows with `keep` False write nothing. `class_scores` / `positives` (B, C)
+        choose a sample's classes in top-k mode at its first write (default scores: the maps' spatial mean).
+        `boxes` / `flips` None: the maps cover the whole unflipped image.
 
-        `host_index`: a CPU copy of `index` whose rows (index and boxes) the caller has checked with `validate`,
-        as `SpatialConsistencyLoss` does on its one host copy of the target: the call then needs no GPU
-        synchronisation (single process)."""
-        flips = flips.bool()
-        if host_index is None:
-            self.validate(index, boxes, flips, maps)
-        gathered = self._gather(index, maps, boxes, flips, class_scores, positives)
-        if gathered[0] is not index:  # all ranks' rows: the host copy no longer describes them
-            host_index = None
-        index, maps, boxes, flips, class_scores, positives = gathered
-        finite = torch.isfinite(maps).flatten(1).all(1)
-        self.skipped_rows += (~finite).sum()
-        if self.class_ids is not None and class_scores is None:
-            class_scores = maps.float().mean(dim=(2, 3))  # top-k default: the maps' spatial mean
-        maps = torch.where(finite[:, None, None, None], maps.float(), 0.)  # skipped rows write nothing (region)
-        grid, region = frame_to_crop_grid(boxes.float(), flips, self.size)
-        region = region & finite[:, None, None]
-        current = F.grid_sample(maps, grid, mode='bilinear', padding_mode='border', align_corners=False)
-        # repeated samples are counted on the host copy when there is one (no GPU synchronisation)
-        rank = _occurrence_rank(index if host_index is None else host_index)
-        num_occurrences = int(rank.max()) + 1 if len(rank) else 0
-        if num_occurrences == 1:  # no repeated sample: one update of all rows, no boolean row selection
-            self._ema_update(index, current, region, momentum, class_scores, positives, finite)
-            return
-        rank = rank.to(index.device)
-        for occurrence in range(num_occurrences):
-            rows = rank == occurrence
-            self._ema_update(index[rows], current[rows], region[rows], momentum,
-                             None if class_scores is None else class_scores[rows],
-                             None if positives is None else positives[rows], finite[rows])
-
-    def _ema_update(self, index, current, region, momentum, class_scores, positives, finite):
-        """One EMA update for unique indices."""
+        `keep` (B,) bool: the caller has validated the rows on the device and keeps these (as `SpatialConsistencyLoss`
+        does), giving refused rows an index inside the buffer: the call then runs no check on the host and no host
+        synchronisation. Without it, `validate` runs. Repeated samples are applied in batch order, computed in closed
+        form (no loop over repeats); `groups`: the batch's `row_groups`, when the caller has them already."""
+        if keep is None:
+            self.validate(index, *self._frame(index, boxes, flips), maps)
+        gathered = self._gather(index, maps, boxes, flips, class_scores, positives, keep)
+        if gathered[0] is not index:  # all ranks' rows
+            groups = None
+        index, maps, boxes, flips, class_scores, positives, keep = gathered
+        maps = maps.float()
+        finite = (maps - maps).flatten(1).sum(1) == 0  # NaN for any non-finite value
+        skipped = ~finite if keep is None else keep & ~finite  # rows the caller refused are its own to report
+        self.skipped_rows += skipped.sum()
+        keep = finite if keep is None else keep & finite
+        maps = maps.masked_fill(~keep.view(-1, 1, 1, 1), 0.)  # skipped rows write nothing (no region)
+        if boxes is None and maps.shape[-2:] == self.size:
+            current, region = maps, keep.view(-1, 1, 1).expand(-1, *self.size)
+        else:
+            boxes, flips = self._frame(index, boxes, flips)
+            grid, region = frame_to_crop_grid(boxes.float(), flips, self.size)
+            current = F.grid_sample(maps, grid, mode='bilinear', padding_mode='border', align_corners=False)
+            region = region & keep.view(-1, 1, 1)
+        groups = groups or row_groups(index)
         if self.class_ids is not None:
-            current = self._select_slots(index, current, class_scores, positives, finite)
-        stored = self.maps[index].float()
-        seen = self.seen[index]
-        region_c = region[:, None]
-        updated = torch.where(seen[:, None], momentum * stored + (1. - momentum) * current, current)
-        self.maps[index] = torch.where(region_c, updated, stored).to(self.maps.dtype)
-        self.seen[index] = seen | region
+            current = self._select_slots(index, current, maps, class_scores, positives, keep, groups.same)
+        self._ema_update(index, current, region, momentum, groups)
 
-    def _select_slots(self, index, current, class_scores, positives, finite) -> torch.Tensor:
-        """Top-k mode: fix the class set of samples written for the first time (with finite maps), return their
-        slots' maps."""
+    def _ema_update(self, index, current, region, momentum, groups: RowGroups) -> None:
+        """The sequential EMA of every row in batch order, per group of rows holding one sample (`_groups`), in
+        closed form: stored m^n + sum_r c_r m^(later_r) new_r over the n rows whose region covers a cell, c_r = 1 for
+        the first write of a never-seen cell and 1 - m otherwise (cells never seen hold 0, so stored m^n is right for
+        them too, and n = 0 leaves a cell as it is). Every row of a group writes the same result."""
+        stored, seen = self.maps[index].float(), self.seen[index]
+        # per row and cell: covering repeats after it, before it, and in its whole group (one batched product)
+        later, earlier, writes = (groups.order @ region.float().flatten(1)).view(3, *region.shape)
+        first_write = ~seen & (earlier == 0)
+        weight = region * torch.pow(momentum, later) * torch.where(first_write, 1., 1. - momentum)
+        contribution = weight.unsqueeze(1) * current
+        contribution = torch.zeros_like(contribution).index_add_(0, groups.leader, contribution)[groups.leader]
+        updated = torch.addcmul(contribution, torch.pow(momentum, writes).unsqueeze(1), stored)
+        self.maps[index] = updated.to(self.maps.dtype)
+        self.seen[index] = seen | (writes > 0)
+
+    def _select_slots(self, index, current, maps, class_scores, positives, keep, same) -> torch.Tensor:
+        """Top-k mode: fix the class set of samples written for the first time (by their first kept row), return
+        their slots' maps."""
+        if class_scores is None:
+            class_scores = maps.mean(dim=(2, 3))  # top-k default: the maps' spatial mean
+        scores = class_scores.float()
+        if positives is not None:
+            scores = scores + positives.float() * 1e6  # observed positives first
+        candidates = scores.topk(self.classes_per_sample, dim=1).indices
+        same_kept = same & keep[None, :]
+        first_kept = same_kept.int().argmax(1)
         ids = self.class_ids[index].long()
-        new = (ids < 0).all(dim=1) & finite
-        if new.any():
-            scores = class_scores[new].float()
-            if positives is not None:
-                scores = scores + positives[new].float() * 1e6  # observed positives first
-            ids[new] = scores.topk(self.classes_per_sample, dim=1).indices
-            self.class_ids[index[new]] = ids[new].to(self.class_ids.dtype)
-        # rows left without classes (non-finite first writes) gather slot 0; their region is empty
+        fresh = (ids < 0).all(dim=1) & same_kept.any(1)
+        ids = torch.where(fresh[:, None], candidates[first_kept], ids)
+        self.class_ids[index] = ids.to(self.class_ids.dtype)
+        # rows left without classes (never kept) gather slot 0; their region is empty
         return current.gather(1, ids.clamp(min=0)[:, :, None, None].expand(-1, -1, *current.shape[-2:]))
 
-    def _gather(self, index, maps, boxes, flips, class_scores, positives):
+    def _gather(self, index, maps, boxes, flips, class_scores, positives, keep):
         """All ranks' writes in rank order (identity when not distributed): the index as int64, the rest as
         one float32 payload per row."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return index, maps, boxes, flips, class_scores, positives
+            return index, maps, boxes, flips, class_scores, positives, keep
+        boxes, flips = self._frame(index, boxes, flips)
+        keep = torch.ones(len(index), dtype=torch.bool, device=index.device) if keep is None else keep
         h, w = maps.shape[-2:]
-        fields = [maps.float().flatten(1), boxes.float(), flips.float()[:, None]]
+        fields = [maps.float().flatten(1), boxes.float(), flips.float()[:, None], keep.float()[:, None]]
         fields += [t.float() for t in (class_scores, positives) if t is not None]
         payload = torch.cat(fields, dim=1)
         index = _gather_rows(index.long()[:, None], index.device).to(index.device)[:, 0]
         payload = _gather_rows(payload, payload.device).to(payload.device)
-        maps, boxes, flips, rest = payload.split([self.num_classes * h * w, 4, 1, payload.shape[1] - self.num_classes * h * w - 5], dim=1)
+        num_maps = self.num_classes * h * w
+        maps, boxes, flips, keep, rest = payload.split([num_maps, 4, 1, 1, payload.shape[1] - num_maps - 6], dim=1)
         extra = iter(rest.split(self.num_classes, dim=1))
         class_scores = next(extra) if class_scores is not None else None
         positives = next(extra) if positives is not None else None
-        return index, maps.reshape(-1, self.num_classes, h, w), boxes, flips[:, 0] > 0.5, class_scores, positives
-
+        return (index, maps.reshape(-1, self.num_classes, h, w), boxes, flips[:, 0] > 0.5, class_scores, positives,
+                keep[:, 0] > 0.5)

@@ -10,6 +10,12 @@ Called as `criterion(output, target)` like any timm loss. Terms, each averaged o
   sample's EMA heatmaps resampled into the current crop, over the cells seen before (unseen cells are not
   penalised).
 After the loss, the EMA predictions and the heatmap buffer are updated with the current (detached) values.
+
+A call launches a fixed set of kernels and never waits for the device: bad input (soft labels, an index outside
+the buffer, an invalid crop box, non-finite logits) is found on the device, the whole batch then leaves every
+buffer unchanged, and `raise_if_invalid` raises naming the problem. train.py calls it after every step (when it
+reads the loss anyway); `set_epoch`, `last_terms` and `state_dict` (checkpoints) call it too, so an invalid batch
+never passes unreported into saved state. `compiled=True` runs the call under torch.compile(fullgraph=True).
 The consistency and spatial terms start after `warmup_epochs` (from `set_epoch`, or, when the training
 loop never calls it, from the number of samples seen divided by `num_samples`).
 """
@@ -20,8 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.targets import PackedTarget, unpack_observed
-from .heatmap_buffer import HeatmapBuffer
+from ..data.targets import PackedTarget, PackedTargetCheck, check_observed, check_target_shape, unpack_observed
+from .heatmap_buffer import HeatmapBuffer, RowGroups, row_groups
 from .heatmap_source import HeatmapSource
 
 __all__ = ['SpatialConsistencyLoss']
@@ -55,6 +61,8 @@ class SpatialConsistencyLoss(nn.Module):
             predictions; default) or 'logit' (the raw maps, unbounded: needs a much smaller spatial_weight).
         align_crops: Locate each crop's maps in the stored whole-image maps by its crop box and flip (the paper).
             False stores and compares them as if every crop were the whole unflipped image: an ablation only.
+        compile_backend: Run each call under torch.compile(fullgraph=True) with this backend ('inductor' on a
+            GPU; 'eager' / 'aot_eager' check the graph without code generation). None: eager.
         device: Device of the buffers (the training device).
     """
 
@@ -74,6 +82,7 @@ class SpatialConsistencyLoss(nn.Module):
             heatmap_source: str = 'class_maps',
             spatial_space: str = 'prob',
             align_crops: bool = True,
+            compile_backend: Optional[str] = None,
             device: Optional[torch.device] = None,
     ):
         super().__init__()
@@ -100,17 +109,42 @@ class SpatialConsistencyLoss(nn.Module):
             if spatial_weight > 0 else None
         self.register_buffer('epoch', torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer('samples_seen', torch.zeros((), dtype=torch.int64, device=device))
+        # rows of rejected batches since the last `raise_if_invalid` (not saved: a checkpoint is taken after a check)
+        self.register_buffer('invalid_rows', torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self._latest_batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.target_check = PackedTargetCheck(num_classes, num_samples).to(device)
+        self._step = torch.compile(self._loss_and_update, fullgraph=True, backend=compile_backend) \
+            if compile_backend else self._loss_and_update
         self._epoch_set = False
         # host mirrors of the two counters: the warm-up test reads them every step without a GPU synchronisation
         self._host_epoch, self._host_samples_seen = 0., 0
         self.register_load_state_dict_post_hook(lambda module, keys: module._mirror_counters())
         self._source: Optional[HeatmapSource] = None
-        self._last_terms: Dict[str, torch.Tensor] = {}
+        self._last_terms: Tuple[Tuple[str, ...], torch.Tensor] = ((), torch.zeros(0))
 
     @property
     def last_terms(self) -> Dict[str, float]:
         """The weighted terms of the latest call (converted on access, so logging costs no sync per step)."""
-        return {name: float(value) for name, value in self._last_terms.items()}
+        self.raise_if_invalid()
+        names, values = self._last_terms
+        return dict(zip(names, values.tolist()))
+
+    def raise_if_invalid(self) -> None:
+        """Raise if a call since the last check met bad input (its batch changed no state): the error of
+        `check_observed` on the latest batch when that is the bad one. One host synchronisation."""
+        count = int(self.invalid_rows)
+        if not count:
+            return
+        self.invalid_rows.zero_()
+        if self._latest_batch is not None:
+            check_observed(*self._latest_batch, self.needs_index, type(self).__name__, self.num_samples)
+        raise ValueError(f'{type(self).__name__}: {count} rows of earlier batches had invalid packed targets or '
+                         f'non-finite logits; those batches changed no state. Call raise_if_invalid() after each '
+                         f'step to get the row named.')
+
+    def state_dict(self, *args, **kwargs):
+        self.raise_if_invalid()
+        return super().state_dict(*args, **kwargs)
 
     def attach(self, model: nn.Module) -> 'SpatialConsistencyLoss':
         """Capture the model's heatmaps during its forward (needed by the spatial term). Returns self."""
@@ -120,6 +154,7 @@ class SpatialConsistencyLoss(nn.Module):
         return self
 
     def set_epoch(self, epoch: float) -> None:
+        self.raise_if_invalid()
         self.epoch.fill_(epoch)
         self._host_epoch = float(epoch)
         self._epoch_set = True
@@ -133,13 +168,33 @@ class SpatialConsistencyLoss(nn.Module):
         self._host_epoch, self._host_samples_seen = float(self.epoch), int(self.samples_seen)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
+        check_target_shape(output, target, self.needs_index, type(self).__name__)
         maps = self.latest_maps()
-        self._validate(packed, output, maps)  # everything checked before any state changes
+        self._check_shapes(output, maps)
+        if self.needs_index:
+            self._latest_batch = (output, target)  # described by `raise_if_invalid` (no copy, no op)
+        loss, terms = self._step(output, target, maps, self.current_epoch() >= self.warmup_epochs)
+        self._last_terms = terms
+        if self.training:
+            seen = len(output) * _world_size()
+            self._host_samples_seen += seen
+        return loss
+
+    def _loss_and_update(self, output: torch.Tensor, target: torch.Tensor, maps: Optional[torch.Tensor],
+                         warm: bool) -> Tuple[torch.Tensor, Tuple[Tuple[str, ...], torch.Tensor]]:
+        """The loss terms and the buffer updates of one call: device work only (what `compile_backend` compiles)."""
+        packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
         logits = output.float()
         observed = packed.labels > 0.5
         unobserved = ~observed
-        warm = self.current_epoch() >= self.warmup_epochs
+        keep = groups = None
+        if packed.index is not None:  # a batch with any bad row changes no state (`raise_if_invalid` reports it)
+            bad = self.target_check(logits, target, packed.index)
+            self.invalid_rows += bad.sum()
+            keep = ~bad.any().expand(len(bad))
+            # refused rows read and write a row of the buffer (changing nothing): no index outside it reaches a kernel
+            packed = packed._replace(index=packed.index.clamp(0, self.num_samples - 1))
+            groups = row_groups(packed.index) if self.training else None
         terms = {'positive': (F.softplus(-logits) * observed).mean()}  # -log sigmoid(z) on positives
 
         ema_probs, ema_valid = self._read_predictions(packed)
@@ -152,21 +207,20 @@ class SpatialConsistencyLoss(nn.Module):
         if self.consistency_weight > 0 and warm:
             mask = unobserved & ema_valid
             soft = F.binary_cross_entropy_with_logits(logits, ema_probs, reduction='none')
-            terms['consistency'] = self.consistency_weight * (soft * mask).mean()
+            terms['consistency'] = _weighted(self.consistency_weight, (soft * mask).mean())
         if maps is not None:
             maps = maps.float()
             if self.spatial_space == 'prob':
                 maps = maps.sigmoid()
             if warm:
                 stored, valid = self.heatmaps.read(packed.index, *self._heatmap_frame(packed), tuple(maps.shape[-2:]),
-                                                   host_index=packed.host.index)
+                                                   checked=True)
                 squared = (maps - stored).pow(2) * valid
-                terms['spatial'] = self.spatial_weight * squared.sum() / max(valid[:, :1].numel() * self.num_classes, 1)
+                terms['spatial'] = _weighted(self.spatial_weight, squared.sum() / max(valid[:, :1].numel() * self.num_classes, 1))
         loss = sum(terms.values())
-        self._last_terms = {name: value.detach() for name, value in terms.items()}
         if self.training:
-            self._update(packed, logits, observed, maps)
-        return loss
+            self._update(packed, logits, observed, maps, keep, groups)
+        return loss, (tuple(terms), torch.stack(list(terms.values())).detach())
 
     def latest_maps(self) -> Optional[torch.Tensor]:
         """The attached model's heatmaps of its latest forward, as the model gives them (None without the spatial
@@ -177,51 +231,44 @@ class SpatialConsistencyLoss(nn.Module):
             raise RuntimeError('The spatial term needs the model heatmaps: call criterion.attach(model) first.')
         return self._source.latest()
 
-    def _validate(self, packed: PackedTarget, output: torch.Tensor, maps: Optional[torch.Tensor]) -> None:
+    def _check_shapes(self, output: torch.Tensor, maps: Optional[torch.Tensor]) -> None:
+        """Shapes only (host metadata, no device work)."""
         if output.shape[1] != self.num_classes:
             raise ValueError(f'{type(self).__name__} was built for {self.num_classes} classes, got logits of shape '
                              f'{tuple(output.shape)}.')
-        if packed.index is None:
-            return
-        # both buffers hold the same samples: one check of index and boxes (on the host copy), plus the heatmap
-        # shape if any
-        host = packed.host
-        if self.heatmaps is not None:
-            self.heatmaps.validate(host.index, host.boxes, host.flips, maps)
-        elif self.predictions is not None:
-            self.predictions.validate(host.index, host.boxes, host.flips)
+        if maps is not None and (maps.ndim != 4 or maps.shape[0] != len(output) or maps.shape[1] != self.num_classes):
+            raise ValueError(
+                f'Expected maps ({len(output)}, {self.num_classes}, h, w), got shape {tuple(maps.shape)}.')
 
     def _read_predictions(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.predictions is None or packed.index is None:
             empty = torch.zeros_like(packed.labels, dtype=torch.float32)
             return empty, empty.bool()
-        probs, valid = self.predictions.read(packed.index, *_whole_image(packed), (1, 1), host_index=packed.host.index)
+        probs, valid = self.predictions.read(packed.index, checked=True)  # whole image, 1 x 1: stored as is
         return probs.flatten(1), valid.flatten(1)
 
-    def _heatmap_frame(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _heatmap_frame(self, packed: PackedTarget) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(boxes, flips) locating the current maps in the stored ones: the crop's, or with `align_crops=False`
-        (an ablation) the whole image, as if every crop were the full unflipped image."""
-        return (packed.boxes, packed.flips) if self.align_crops else _whole_image(packed)
+        (an ablation) None: the whole image, as if every crop were the full unflipped image."""
+        return (packed.boxes, packed.flips) if self.align_crops else (None, None)
 
     @torch.no_grad()
-    def _update(self, packed: PackedTarget, logits: torch.Tensor, observed: torch.Tensor, maps: Optional[torch.Tensor]):
-        seen = len(logits) * _world_size()
-        self.samples_seen += seen
-        self._host_samples_seen += seen
+    def _update(self, packed: PackedTarget, logits: torch.Tensor, observed: torch.Tensor, maps: Optional[torch.Tensor],
+                keep: Optional[torch.Tensor], groups: Optional[RowGroups]):
         if packed.index is None:
+            self.samples_seen += len(logits) * _world_size()
             return
+        world_size = _world_size()
+        self.samples_seen += keep.sum() if world_size == 1 else keep.sum() * world_size
         probs = logits.sigmoid()
         if self.predictions is not None:
-            self.predictions.write(packed.index, probs[:, :, None, None], *_whole_image(packed), self.momentum,
-                                   host_index=packed.host.index)
+            self.predictions.write(packed.index, probs[:, :, None, None], momentum=self.momentum, keep=keep,
+                                   groups=groups)
         if self.heatmaps is not None:
             self.heatmaps.write(packed.index, maps.detach(), *self._heatmap_frame(packed), self.momentum,
-                                class_scores=probs, positives=observed, host_index=packed.host.index)
+                                class_scores=probs, positives=observed, keep=keep, groups=groups)
 
 
-def _whole_image(packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(boxes, flips) of the whole original image without flip: the frame of the per-sample predictions. Filled on
-    the device (a host-made box would be a copy to the GPU each step)."""
-    boxes = torch.zeros_like(packed.boxes)
-    boxes[:, 2:] = 1.
-    return boxes, torch.zeros_like(packed.flips)
+def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
+    """weight * term, without an op for the default weight 1."""
+    return term if weight == 1 else weight * term
