@@ -44,7 +44,7 @@ from timm_srn.cli import HelpFormatter
 from timm_srn.data import SYNTHETIC_LABEL_NAMES, create_dataset, generate_synthetic_coco, protocol_split
 from timm_srn.evaluation import IndexedDataset, eval_transform, predict, predict_outputs
 from timm_srn.imagenet_weights import save_efficientnet_lite0
-from timm_srn.localisation import map_localisation
+from timm_srn.localisation import chance_localisation, map_localisation
 from timm_srn.metrics import average_precision
 
 from common import ROOT, device_name, load_script
@@ -200,21 +200,29 @@ def visible_fraction(box: Tuple[float, float, float, float], crop: Tuple[float, 
     return w * h / max((box[2] - box[0]) * (box[3] - box[1]), 1e-12)
 
 
+_CANVAS = torch.empty(1, 1000, 1000)  # crop boxes are drawn in thousandths of the image
+
+
+def _crop_box(generator: torch.Generator) -> Tuple[float, float, float, float]:
+    """One RandomResizedCrop box of the study's scale (ratio 3/4-4/3), in [0, 1] of the image, from `generator`
+    (RandomResizedCrop.get_params draws from the global generator, which is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=generator)))
+        top, left, h, w = RandomResizedCrop.get_params(_CANVAS, CONFIG['scale'], (3 / 4, 4 / 3))
+    return left / 1000, top / 1000, (left + w) / 1000, (top + h) / 1000
+
+
 def cropped_out_set(train, observed: np.ndarray, transform) -> CropSet:
     """Fixed RandomResizedCrop boxes (scale 0.08-1, seed 0) of the training images that leave less than
     `cropped_out_below` of the observed positive's box visible. Labels of a crop: classes with at least
     `visible_from` of their box visible are positive, classes not in view at all negative, the rest unknown."""
     generator = torch.Generator().manual_seed(0)
-    canvas = torch.empty(1, 1000, 1000)  # crop boxes in thousandths of the image
     crops, targets, masks = [], [], []
     for row in range(len(train)):
         image_boxes = {int(box[0]): tuple(box[1:]) for box in train.boxes[row]}  # one box per class in the scenes
         (positive,) = np.flatnonzero(observed[row])
         for _ in range(CONFIG['crops_per_image']):
-            with torch.random.fork_rng(devices=[]):  # get_params draws from the global generator: leave it as it was
-                torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=generator)))
-                top, left, h, w = RandomResizedCrop.get_params(canvas, CONFIG['scale'], (3 / 4, 4 / 3))
-            crop = (left / 1000, top / 1000, (left + w) / 1000, (top + h) / 1000)
+            crop = _crop_box(generator)
             if visible_fraction(image_boxes[positive], crop) >= CONFIG['cropped_out_below']:
                 continue
             visible = np.array([visible_fraction(image_boxes[c], crop) if c in image_boxes else 0.
@@ -223,6 +231,31 @@ def cropped_out_set(train, observed: np.ndarray, transform) -> CropSet:
             targets.append((visible >= CONFIG['visible_from']).astype(np.float32))
             masks.append((visible >= CONFIG['visible_from']) | (visible == 0))
     return CropSet(train, crops, np.stack(targets), np.stack(masks), transform)
+
+
+CHANCE_SIZES = (5, 7, 10)  # class maps at 160 px (stride 32), the default buffer, stride-16 maps / SRN's tap
+
+
+def chance_levels(finetune: Path) -> Dict[str, Dict[str, float]]:
+    """What a uniformly random argmax scores (%) at each map size the study reads: 'test' on the held-out scenes'
+    object labels (the localisation column), 'buffer_*' on the protocol training images (whole image, every cell
+    stored), 'crop_maps_*' on training crops (the study's RandomResizedCrop, flips at p=0.5, crops_per_image per
+    image, seed 1), for the observed positive and the other present classes."""
+    test = create_dataset('synthetic', str(finetune), split='validation')
+    train, _, observed, _ = protocol_split(create_dataset('synthetic', str(finetune), split='train'))
+    objects = [list(test.label_names).index(n) for n in OBJECTS]
+    generator = torch.Generator().manual_seed(1)
+    crops = [[(_crop_box(generator), bool(torch.rand(1, generator=generator) < CONFIG['hflip']))
+              for _ in range(CONFIG['crops_per_image'])] for _ in range(len(train))]
+    levels = {}
+    for n in CHANCE_SIZES:
+        size = (n, n)
+        whole = chance_localisation(train.boxes, observed, size)
+        cropped = chance_localisation(train.boxes, observed, size, crops=crops)
+        test_share = chance_localisation(test.boxes, np.zeros_like(test.targets), size, columns=objects)['other']
+        levels[f'{n}x{n}'] = dict(test=test_share, **{f'buffer_{k}': v for k, v in whole.items()},
+                                  **{f'crop_maps_{k}': v for k, v in cropped.items()})
+    return levels
 
 
 def crop_analysis(model: torch.nn.Module, crop_set: CropSet, device: torch.device) -> Dict[str, float]:
@@ -348,9 +381,9 @@ def findings(settings: Dict[str, Any]) -> List[str]:
         if lines else []
 
 
-def buffer_tables(settings: Dict[str, Any], header: Dict[str, str]) -> List[str]:
-    """Where the spatial runs' maps point (train.py --measure-localisation): the final epoch per setting, and epoch
-    by epoch (mean over seeds) for the settings that ran it."""
+def buffer_tables(settings: Dict[str, Any], header: Dict[str, str], chance: Dict[str, Dict[str, float]]) -> List[str]:
+    """Where the spatial runs' maps point (train.py --measure-localisation): the final epoch per setting beside the
+    chance levels, and epoch by epoch (mean over seeds) for the settings that ran it."""
     names = [n for n, s in settings.items() if any(m in s['metrics'] for m in BUFFER_METRICS)]
     if not names:
         return []
@@ -360,6 +393,10 @@ def buffer_tables(settings: Dict[str, Any], header: Dict[str, str]) -> List[str]
              '| setting | ' + ' | '.join(header[m] for m in BUFFER_METRICS) + ' |', '|---|' + '---|' * len(BUFFER_METRICS)]
     lines += [f'| {_setting_label(n, settings[n])} | ' + ' | '.join(_cell(settings[n]['metrics'], m)
                                                                  for m in BUFFER_METRICS) + ' |' for n in names]
+    for buffer, maps in (('7x7', '5x5'), ('10x10', '10x10')):  # the default buffer and maps; the 10x10 setting's
+        if buffer in chance and maps in chance:
+            cells = [f"{chance[buffer if m.startswith('buffer') else maps][m]:.2f}" for m in BUFFER_METRICS]
+            lines.append(f'| chance: a random argmax ({buffer} buffer, {maps} crop maps) | ' + ' | '.join(cells) + ' |')
     lines += ['', '| setting | epoch | ' + ' | '.join(header[m] for m in BUFFER_METRICS) + ' |',
               '|---|---|' + '---|' * len(BUFFER_METRICS)]
     for name in names:
@@ -410,7 +447,12 @@ def markdown(results: Dict[str, Any]) -> str:
                      for m in metrics]
             lines.append(f'| {_setting_label(name, settings[name])} | ' + ' | '.join(cells) + ' |')
         lines.append('')
-    lines += buffer_tables(settings, header)
+    chance = results.get('chance', {})
+    if chance:
+        lines += ['Localisation by chance (a uniformly random argmax) on the test scenes\' object labels: ' + ', '.join(
+            f"{chance[f'{n}x{n}']['test']:.1f}% at {n}x{n}" for n in CHANCE_SIZES) + ' (plain class maps are 5x5 at '
+            '160 px, 10x10 with output stride 16; SRN\'s attention is 10x10).', '']
+    lines += buffer_tables(settings, header, chance)
     lines += findings(settings)
     lines.append(f"Cropped-out: each protocol training image under {cfg['crops_per_image']} fixed RandomResizedCrops; "
                  f"kept where less than {cfg['cropped_out_below']:.0%} of the observed positive's box stays in view. "
@@ -473,7 +515,9 @@ def readme_block(readme: Path) -> str:
 
 def write_report(out: Path, runs: Dict[str, Dict[int, Dict[str, Any]]], config: Dict[str, Any], device: str,
                  minutes: float, publish: bool) -> Dict[str, Any]:
-    results = dict(config=config, device=device, minutes=minutes, settings=aggregate(runs))
+    finetune = out / 'data' / 'finetune'
+    chance = chance_levels(finetune) if (finetune / 'annotations').exists() else {}
+    results = dict(config=config, device=device, minutes=minutes, settings=aggregate(runs), chance=chance)
     table = markdown(results)
     folders = [out] + ([RESULTS_DIR] if publish else [])
     for folder in folders:

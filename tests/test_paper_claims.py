@@ -57,6 +57,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert spatial['crops'] > 0 and np.isfinite(spatial['mAP']) and 'crop_mAP' not in srn
     assert len(spatial['localisation_by_epoch']) == 1 and 0 <= spatial['buffer_observed'] <= 100
     assert 'buffer_observed' not in srn
+    chance = results['chance']['5x5']  # a random argmax: fewer hits on whole images than in zoomed-in crops
+    assert 0 < chance['test'] < 50 and chance['buffer_observed'] < chance['crop_maps_observed'] < 100
     assert srn['fused_minus_y_cls'] == pytest.approx(srn['mAP'] - srn['mAP_y_cls'])
     assert {'mAP_y_att', 'mAP_y_sr'} <= set(srn) and 0 <= srn['localisation'] <= 100 and srn['localised_labels'] > 30
     assert (tmp_path / 'pretrained' / 'tf_efficientnet_lite0_in1k.safetensors').exists()

@@ -4,7 +4,7 @@ A measurement for datasets with boxes (the built-in scenes): SRN's attention A, 
 spatial criterion's stored heatmaps and the maps of each training crop are scored the same way, so their
 localisation can be compared.
 """
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,8 +15,8 @@ from .data.targets import unpack_target
 from .losses.heatmap_buffer import HeatmapBuffer
 from .models import SRN, class_activation_maps
 
-__all__ = ['argmax_in_box', 'model_maps', 'map_localisation', 'buffer_localisation', 'boxes_in_crop',
-           'CropLocalisation']
+__all__ = ['argmax_in_box', 'cells_in_box', 'model_maps', 'map_localisation', 'buffer_localisation', 'boxes_in_crop',
+           'CropLocalisation', 'chance_localisation']
 
 
 def argmax_in_box(maps: torch.Tensor, boxes: np.ndarray) -> Dict[int, bool]:
@@ -32,6 +32,41 @@ def argmax_in_box(maps: torch.Tensor, boxes: np.ndarray) -> Dict[int, bool]:
         own = boxes[boxes[:, 0] == column, 1:]
         hits[column] = bool(((own[:, 0] <= x) & (x <= own[:, 2]) & (own[:, 1] <= y) & (y <= own[:, 3])).any())
     return hits
+
+
+def cells_in_box(size: Tuple[int, int], boxes: np.ndarray) -> Dict[int, float]:
+    """For one image: {column: share of the cells of a size-(h, w) map whose centre lies inside a box of that
+    column}: how often an argmax drawn uniformly at random hits (the chance level of `argmax_in_box`)."""
+    height, width = size
+    x = (np.arange(width) + 0.5) / width
+    y = (np.arange(height) + 0.5) / height
+    shares = {}
+    for column in np.unique(boxes[:, 0]).astype(int):
+        inside = np.zeros((height, width), dtype=bool)
+        for x0, y0, x1, y1 in boxes[boxes[:, 0] == column, 1:]:
+            inside |= ((y0 <= y) & (y <= y1))[:, None] & ((x0 <= x) & (x <= x1))[None, :]
+        shares[column] = float(inside.mean())
+    return shares
+
+
+def chance_localisation(boxes: Sequence[np.ndarray], observed: np.ndarray, size: Tuple[int, int],
+                        crops: Optional[Sequence[Sequence[Tuple[Tuple[float, float, float, float], bool]]]] = None,
+                        columns: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """The shares (%) a uniformly random argmax would score, per kind ('observed', 'other'), on size-(h, w) maps of
+    the whole images, or with `crops` (per image, a list of (crop box, flip)) on the maps of those crops
+    (`boxes_in_crop`, as `CropLocalisation` counts them); `columns` restricts the classes."""
+    sums, counts = dict(observed=0., other=0.), dict(observed=0, other=0)
+    for row, image_boxes in enumerate(boxes):
+        if columns is not None:
+            image_boxes = image_boxes[np.isin(image_boxes[:, 0], columns)]
+        views = [boxes_in_crop(image_boxes, crop, flip) for crop, flip in crops[row]] if crops is not None \
+            else [image_boxes]
+        for view in views:
+            for column, share in (cells_in_box(size, view).items() if len(view) else ()):
+                kind = 'observed' if observed[row, column] > 0.5 else 'other'
+                sums[kind] += share
+                counts[kind] += 1
+    return {kind: 100. * sums[kind] / counts[kind] for kind in sums if counts[kind]}
 
 
 @torch.no_grad()
