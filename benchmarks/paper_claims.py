@@ -499,6 +499,45 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_localisation(results: Dict[str, Any], path: Path) -> bool:
+    """Epoch by epoch, where each spatial setting's stored heatmaps (buffer) and training crops' maps point, for the
+    observed positive and the other present classes, beside a random argmax (dashed). False when no run recorded it."""
+    settings = {n: s for n, s in results['settings'].items()
+                if any('localisation_by_epoch' in r for r in s['seeds'].values())}
+    if not settings:
+        return False
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    chance = results.get('chance', {})
+    fig, axes = plt.subplots(1, len(BUFFER_METRICS), figsize=(4.2 * len(BUFFER_METRICS), 3.6), sharey=True)
+    highest = 0.
+    for ax, metric in zip(axes, BUFFER_METRICS):
+        for (name, setting), colour in zip(settings.items(), plt.rcParams['axes.prop_cycle'].by_key()['color']):
+            runs = [r['localisation_by_epoch'] for r in setting['seeds'].values() if 'localisation_by_epoch' in r]
+            epochs = range(min(map(len, runs)))
+            values = [statistics.fmean(run[e][metric] for run in runs) for e in epochs]
+            highest = max(highest, *values)
+            ax.plot(epochs, values, marker='o', color=colour, label=name)
+            ax.set_xticks(list(epochs))
+            size = (setting['backbone_kwargs'].get('output_stride') == 16 and '10x10' or
+                    ('7x7' if metric.startswith('buffer') else '5x5'))
+            if size in chance:
+                ax.axhline(chance[size][metric], color=colour, linestyle='--', linewidth=1)
+        ax.set_title(metric.replace('_', ' ').replace('crop maps', 'crop maps:').replace('buffer ', 'buffer: '),
+                     fontsize=10)
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('argmax inside the box (%)')
+    axes[0].set_ylim(0, 50 if highest < 45 else 100)  # low shares stay readable, high ones in full
+    axes[-1].legend(fontsize=8)
+    fig.suptitle('where the spatial criterion\'s maps point (mean over seeds; dashed: a random argmax)', fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def update_readme(readme: Path, table: str) -> None:
     text = readme.read_text()
     head, start, rest = text.partition(README_START)
@@ -525,6 +564,7 @@ def write_report(out: Path, runs: Dict[str, Dict[int, Dict[str, Any]]], config: 
         _write_json(folder / 'paper_claims.json', results)
         write_atomic(folder / 'paper_claims.md', lambda f: f.write(table.encode()))
         plot(results, folder / 'paper_claims.png')
+        plot_localisation(results, folder / 'paper_claims_localisation.png')
     if publish:
         update_readme(ROOT / 'README.md', table)
     return results
