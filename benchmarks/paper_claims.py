@@ -485,6 +485,9 @@ def plot(results: Dict[str, Any], path: Path) -> None:
         for y, (m, sd) in enumerate(zip(means, stds)):
             if np.isfinite(m):
                 ax.text(m + sd, y, f'  {m:.1f}', va='center', fontsize=8)
+        if metric == 'localisation' and '5x5' in results.get('chance', {}):
+            ax.axvline(results['chance']['5x5']['test'], color='black', linestyle='--', linewidth=1)
+            title += '; dashed: a random argmax'
         ax.set_title(title, fontsize=10)
         ax.grid(axis='x', alpha=0.3)
     axes[0].set_yticks(range(len(names)), names)
