@@ -369,6 +369,7 @@ def findings(settings: Dict[str, Any]) -> List[str]:
             *((f'`{n}` − `an`', n, 'an', ('mAP', 'mAP_relations', 'crop_mAP'))
               for n in ('en', 'consistency', 'spatial', 'en-spatial')),
             ('`spatial` − `consistency` (the spatial term alone)', 'spatial', 'consistency', ('mAP', 'crop_mAP')),
+            ('`en-spatial` − `en` (the spatial term on expected negatives)', 'en-spatial', 'en', ('mAP', 'crop_mAP')),
             *((f'{n} − `spatial`', n, 'spatial', ('mAP',)) for n, s in settings.items() if s['group'] == 'ablation')]
     lines = [f'- {title}: mAP {d}' for title, name in within if (d := _within(settings, name, 'fused_minus_y_cls'))]
     lines += [f'- {_setting_label(n, s)}: its own y_cls − plain backbone: mAP {d}' for n, s in settings.items()
