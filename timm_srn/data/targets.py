@@ -133,7 +133,7 @@ def unpack_observed(
     """`unpack_target` for single-positive criteria, from shapes alone (`check_target_shape`): no device work beyond
     slicing and no host synchronisation (a training step stays capturable). Float observed labels, and the sample
     index, boxes and flips when the criterion keeps per-sample state. Values are checked by `PackedTargetCheck`
-    (`PackedTargetCheck`: on the device, inside the step) and described by `check_observed` (on the host)."""
+    (on the device, inside the step) and described by `check_observed` (on the host)."""
     check_target_shape(output, target, needs_index, criterion_name)
     packed = _split(target, output.shape[1], fields=needs_index)
     return packed._replace(labels=packed.labels.float())
