@@ -89,9 +89,9 @@ def unpack_target(target: torch.Tensor, num_classes: int) -> PackedTarget:
     return packed
 
 
-def _split(target: torch.Tensor, num_classes: int, fields: bool = True) -> PackedTarget:
+def _split(target: torch.Tensor, num_classes: int, fields: bool = True, geometry: bool = True) -> PackedTarget:
     """`unpack_target` without the value checks: shapes only, no host synchronisation. `fields=False`: the labels
-    alone (index, boxes and flips left None)."""
+    alone (index, boxes and flips left None); `geometry=False`: labels and index (boxes and flips left None)."""
     if target.ndim != 2:
         raise ValueError(f'Expected a (batch, classes) target, got shape {tuple(target.shape)}.')
     width = target.shape[1]
@@ -106,6 +106,8 @@ def _split(target: torch.Tensor, num_classes: int, fields: bool = True) -> Packe
     extra = target.narrow(1, num_classes, NUM_PACKED_FIELDS).float()
     halves = extra.narrow(1, 0, 2).long()
     index = halves[:, 0] * _INDEX_BASE + halves[:, 1]
+    if not geometry:
+        return PackedTarget(target.narrow(1, 0, num_classes), index, None, None)
     return PackedTarget(target.narrow(1, 0, num_classes), index, extra.narrow(1, 2, 4), extra[:, 6] > 0.5)
 
 
@@ -128,40 +130,45 @@ def check_target_shape(output: torch.Tensor, target: torch.Tensor, needs_index: 
             'from timm_srn.data.pack_target / PackedTargetDataset); got plain (batch, classes) targets.')
 
 
-def unpack_observed(
-        output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str) -> PackedTarget:
+def unpack_observed(output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str,
+                    geometry: bool = True) -> PackedTarget:
     """`unpack_target` for single-positive criteria, from shapes alone (`check_target_shape`): no device work beyond
     slicing and no host synchronisation (a training step stays capturable). Float observed labels, and the sample
-    index, boxes and flips when the criterion keeps per-sample state. Values are checked by `PackedTargetCheck`
+    index when the criterion keeps per-sample state, with the boxes and flips unless `geometry` is False. Values are checked by `PackedTargetCheck`
     (on the device, inside the step) and described by `check_observed` (on the host)."""
     check_target_shape(output, target, needs_index, criterion_name)
-    packed = _split(target, output.shape[1], fields=needs_index)
+    packed = _split(target, output.shape[1], fields=needs_index, geometry=geometry)
     return packed._replace(labels=packed.labels.float())
 
 
 class PackedTargetCheck(nn.Module):
     """Rows of packed targets that `check_observed` would refuse, found on the device without synchronisation:
     labels other than 0 / 1, index fields that are not an exact index below `num_samples`, boxes outside [0, 1] or
-    empty, flips other than 0 / 1, or logits that are not finite. Every packed column must lie within its bounds and
-    be an integer where it counts; the violations are summed per row (NaN for non-finite values), so the whole
-    check is a fixed handful of kernels."""
+    empty, flips other than 0 / 1, or logits (and heatmaps, when given) that are not finite. One table of bounds
+    serves every column: a row passes when rounding its integer columns and clamping every column to its bounds
+    changes nothing (NaN never compares equal). A fixed dozen kernels, whatever the batch."""
 
     def __init__(self, num_classes: int, num_samples: int):
         super().__init__()
         self.num_classes, self.num_samples = num_classes, num_samples
         # columns: labels (C), index high and low halves, x0 y0 x1 y1, flip
         upper = [1.] * num_classes + [float((num_samples - 1) // _INDEX_BASE), _INDEX_BASE - 1., 1., 1., 1., 1., 1.]
-        integer = [1.] * num_classes + [1., 1., 0., 0., 0., 0., 1.]
+        integer = [True] * num_classes + [True, True, False, False, False, False, True]
+        self.register_buffer('lower', torch.zeros(len(upper)), persistent=False)
         self.register_buffer('upper', torch.tensor(upper), persistent=False)
         self.register_buffer('integer', torch.tensor(integer), persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: the rows to refuse. `index`: the rows' sample indices as unpacked (`unpack_observed`)."""
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor,
+                maps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,) bool: the rows that pass (the others are refused). `index`: the rows' sample indices as unpacked
+        (`unpack_observed`); `maps`: heatmaps the caller stores."""
         values = target.float()
-        violations = F.relu(-values) + F.relu(values - self.upper) + self.integer * (values - values.round()).abs()
+        bounded = torch.where(self.integer, values.round(), values).clamp(self.lower, self.upper)
         widths = values.narrow(1, self.num_classes + 4, 2) - values.narrow(1, self.num_classes + 2, 2)
-        total = violations.sum(1) + (logits - logits).sum(1)  # NaN for a non-finite value anywhere in the row
-        return (total != 0) | (widths.amin(1) <= 0) | (index >= self.num_samples)
+        finite = (logits - logits).sum(1) == 0  # NaN for a non-finite value anywhere in the row
+        if maps is not None:
+            finite = finite & ((maps - maps).flatten(1).sum(1) == 0)
+        return (bounded == values).all(1) & (widths > 0).all(1) & (index < self.num_samples) & finite
 
 
 def check_observed(output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str,

@@ -28,46 +28,61 @@ from timm.task.evaluator import _gather_rows
 
 from ..data.targets import FULL_BOX, invalid_box_rows
 
-__all__ = ['HeatmapBuffer', 'RowGroups', 'crop_to_frame_grid', 'frame_to_crop_grid', 'row_groups']
+__all__ = ['CropFrames', 'HeatmapBuffer', 'RowGroups', 'StoredRows', 'crop_frames', 'crop_to_frame_grid',
+           'frame_to_crop_grid', 'row_groups']
 
 
 _CELLS: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+_EDGE = 1e-5  # a cell centre on a crop's edge lies inside it, whatever the rounding of the normalised coordinates
 
 
 def _cells(size: Tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(h, w, 2) cell centres (x, y) in [0, 1] of a size-(h, w) map; made once per size and device."""
+    """(h, w, 2) cell centres (x, y) of a size-(h, w) map in grid_sample's normalised coordinates ([-1, 1],
+    align_corners=False); made once per size and device."""
     key = (*size, device)
     if key not in _CELLS:
         height, width = size
-        x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
-        y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+        x = (torch.arange(width, device=device, dtype=torch.float32) * 2 + 1) / width - 1
+        y = (torch.arange(height, device=device, dtype=torch.float32) * 2 + 1) / height - 1
         _CELLS[key] = torch.stack(torch.meshgrid(x, y, indexing='xy'), -1)
     return _CELLS[key]
 
 
-def _flip_xy(boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """(B, 2): 1 in x for flipped rows, 0 in y, as a float factor."""
-    return F.pad(flips.to(boxes.dtype)[:, None], (0, 1))
+class CropFrames(NamedTuple):
+    """Where each crop lies in the whole-image frame, as one affine map per row of normalised coordinates:
+    frame = centre + crop * scale, with scale < 0 in x for a flipped crop. Made once per batch: both directions of
+    resampling (`crop_to_frame_grid`, `frame_to_crop_grid`) use it."""
+    centre: torch.Tensor  # (B, 1, 1, 2)
+    scale: torch.Tensor  # (B, 1, 1, 2)
 
 
-def crop_to_frame_grid(boxes: torch.Tensor, flips: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """grid_sample grid (B, h, w, 2) sampling the whole-image frame at the cell centres of each crop: one affine map
-    per row, x = x0 + u (x1 - x0), with u -> 1 - u for flipped crops (written as offset + u * scale)."""
-    lo, extent = boxes[:, :2], boxes[:, 2:] - boxes[:, :2]
-    flip = _flip_xy(boxes, flips)
-    scale = extent * (1. - 2. * flip) * 2.
-    offset = (lo + flip * extent) * 2. - 1.
-    return torch.addcmul(offset.view(-1, 1, 1, 2), _cells(size, boxes.device), scale.view(-1, 1, 1, 2))
+def crop_frames(boxes: torch.Tensor, flips: torch.Tensor) -> CropFrames:
+    """`CropFrames` of crop boxes (B, 4) (x0, y0, x1, y1 in [0, 1]) and flips (B,): the crop's centre is
+    x0 + x1 - 1 in normalised coordinates and its half-extent x1 - x0, negated in x when flipped."""
+    boxes = boxes.float()
+    lo, hi = boxes.narrow(1, 0, 2), boxes.narrow(1, 2, 2)
+    extent = hi - lo
+    flip_x = F.pad(flips.to(boxes.dtype)[:, None], (0, 1))
+    scale = torch.addcmul(extent, extent, flip_x, value=-2.)  # extent * (1 - 2 flip)
+    return CropFrames((lo + hi - 1.).view(-1, 1, 1, 2), scale.view(-1, 1, 1, 2))
 
 
-def frame_to_crop_grid(boxes: torch.Tensor, flips: torch.Tensor, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def crop_to_frame_grid(frames: CropFrames, size: Tuple[int, int]) -> torch.Tensor:
+    """grid_sample grid (B, h, w, 2) sampling the whole-image frame at the cell centres of each crop."""
+    return torch.addcmul(frames.centre, _cells(size, frames.centre.device), frames.scale)
+
+
+def frame_to_crop_grid(frames: CropFrames, size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """grid (B, H, W, 2) sampling each crop's maps at the buffer's cell centres, and the (B, H, W) mask
     of buffer cells whose centre lies inside the crop box (the inverse of `crop_to_frame_grid`)."""
-    lo, extent = boxes[:, :2], boxes[:, 2:] - boxes[:, :2]
-    u = (_cells(size, boxes.device) - lo.view(-1, 1, 1, 2)) / extent.view(-1, 1, 1, 2)  # (B, H, W, 2) in the crop
-    inside = ((u >= 0) & (u <= 1)).all(-1)
-    flip = _flip_xy(boxes, flips).view(-1, 1, 1, 2)
-    return torch.addcmul(flip, u, 1. - 2. * flip) * 2. - 1., inside
+    grid = (_cells(size, frames.centre.device) - frames.centre) / frames.scale
+    return grid, (grid.abs() <= 1. + _EDGE).all(-1)
+
+
+class StoredRows(NamedTuple):
+    """The buffer rows of a batch, gathered once per step: the read and the write that follows share them."""
+    maps: torch.Tensor  # (B, slots, H, W) float32
+    seen: torch.Tensor  # (B, H, W) bool
 
 
 class RowGroups(NamedTuple):
@@ -80,8 +95,9 @@ class RowGroups(NamedTuple):
 def row_groups(index: torch.Tensor) -> RowGroups:
     """`RowGroups` of a batch's sample indices (once per batch: every buffer written with them shares it)."""
     same = index.view(-1, 1) == index.view(1, -1)
-    after = same.triu(1).float()
-    return RowGroups(same, same.int().argmax(1), torch.stack([after, after.t(), same.float()]))
+    after = same.triu(1)
+    order = torch.stack([after, after.t(), same]).float()
+    return RowGroups(same, order[2].argmax(1), order)
 
 
 class HeatmapBuffer(nn.Module):
@@ -165,6 +181,12 @@ class HeatmapBuffer(nn.Module):
     # --- read ---
 
     @torch.no_grad()
+    def gather(self, index: torch.Tensor) -> StoredRows:
+        """The rows of `index` as stored (maps in float32): one gather per step, shared by `read` and `write`
+        (`stored=`). The caller has validated the index (`validate`, or a clamped index it refuses)."""
+        return StoredRows(self.maps[index].float(), self.seen[index])
+
+    @torch.no_grad()
     def read(
             self,
             index: torch.Tensor,
@@ -172,18 +194,20 @@ class HeatmapBuffer(nn.Module):
             flips: Optional[torch.Tensor] = None,
             size: Optional[Tuple[int, int]] = None,
             checked: bool = False,
+            frames: Optional[CropFrames] = None,
+            stored: Optional[StoredRows] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Stored maps resampled into each crop's frame: (maps (B, C, h, w) float32, valid (B, C, h, w) bool).
         `boxes` / `flips` None: the whole unflipped image, read as stored when `size` is the buffer's (the default).
         `checked`: the caller has validated index and boxes, or refuses the rows it has not and gives them an
-        index inside the buffer (`validate` runs otherwise: one host synchronisation)."""
+        index inside the buffer (`validate` runs otherwise: one host synchronisation). `frames` / `stored`: the
+        batch's `crop_frames` and `gather`, when the caller has them already."""
         size = tuple(size or self.size)
         if not checked:
             self.validate(index, *self._frame(index, boxes, flips))
-        maps, seen = self.maps[index].float(), self.seen[index]
+        maps, seen = stored or self.gather(index)
         if boxes is not None or size != self.size:
-            boxes, flips = self._frame(index, boxes, flips)
-            grid = crop_to_frame_grid(boxes.float(), flips.bool(), size)
+            grid = crop_to_frame_grid(frames or crop_frames(*self._frame(index, boxes, flips)), size)
             sampled = F.grid_sample(torch.cat([maps, seen[:, None].float()], 1), grid, mode='bilinear',
                                     padding_mode='border', align_corners=False)
             maps, seen = sampled[:, :-1], sampled[:, -1] >= 1. - 1e-4  # every bilinear neighbour has been seen
@@ -220,56 +244,57 @@ class HeatmapBuffer(nn.Module):
             positives: Optional[torch.Tensor] = None,
             keep: Optional[torch.Tensor] = None,
             groups: Optional[RowGroups] = None,
+            frames: Optional[CropFrames] = None,
+            stored: Optional[StoredRows] = None,
     ) -> None:
         """EMA-update the buffer with crop maps (B, C, h, w): stored = momentum * stored + (1 - momentum) * new
-        inside each crop box; cells seen for the first time take the new value. Rows with non-finite maps write
-        nothing and are counted in `skipped_rows`; rows with `keep` False write nothing. `class_scores` / `positives` (B, C)
-        choose a sample's classes in top-k mode at its first write (default scores: the maps' spatial mean).
-        `boxes` / `flips` None: the maps cover the whole unflipped image.
+        inside each crop box; cells seen for the first time take the new value. Rows with `keep` False write
+        nothing; without `keep`, rows with non-finite maps write nothing and are counted in `skipped_rows`.
+        `class_scores` / `positives` (B, C) choose a sample's classes in top-k mode at its first write (default
+        scores: the maps' spatial mean). `boxes` / `flips` None: the maps cover the whole unflipped image.
 
-        `keep` (B,) bool: the caller has validated the rows on the device and keeps these (as `SpatialConsistencyLoss`
-        does), giving refused rows an index inside the buffer: the call then runs no check on the host and no host
-        synchronisation. Without it, `validate` runs. Repeated samples are applied in batch order, computed in closed
-        form (no loop over repeats); `groups`: the batch's `row_groups`, when the caller has them already."""
+        `keep` (B,) bool: the caller has validated the rows (finite maps included) on the device and keeps these (as
+        `SpatialConsistencyLoss` does), giving refused rows an index inside the buffer: the call then runs no check
+        and no host synchronisation. Without it, `validate` runs. Repeated samples are applied in batch order,
+        computed in closed form (no loop over repeats). `groups`, `frames`, `stored`: the batch's `row_groups`,
+        `crop_frames` and `gather` (before any write), when the caller has them already."""
         if keep is None:
             self.validate(index, *self._frame(index, boxes, flips), maps)
         gathered = self._gather(index, maps, boxes, flips, class_scores, positives, keep)
-        if gathered[0] is not index:  # all ranks' rows
-            groups = None
+        if gathered[0] is not index:  # all ranks' rows: nothing the caller made for its own rows applies
+            groups, frames, stored = None, None, None
         index, maps, boxes, flips, class_scores, positives, keep = gathered
         maps = maps.float()
-        finite = (maps - maps).flatten(1).sum(1) == 0  # NaN for any non-finite value
-        skipped = ~finite if keep is None else keep & ~finite  # rows the caller refused are its own to report
-        self.skipped_rows += skipped.sum()
-        keep = finite if keep is None else keep & finite
-        maps = maps.masked_fill(~keep.view(-1, 1, 1, 1), 0.)  # skipped rows write nothing (no region)
+        if keep is None:  # the caller checked nothing: rows with non-finite maps are skipped here and counted
+            keep = (maps - maps).flatten(1).sum(1) == 0  # NaN for any non-finite value
+            self.skipped_rows += (~keep).sum()
+        maps = maps.masked_fill(~keep.view(-1, 1, 1, 1), 0.)  # refused and skipped rows write nothing (no region)
         if boxes is None and maps.shape[-2:] == self.size:
             current, region = maps, keep.view(-1, 1, 1).expand(-1, *self.size)
         else:
-            boxes, flips = self._frame(index, boxes, flips)
-            grid, region = frame_to_crop_grid(boxes.float(), flips, self.size)
+            grid, region = frame_to_crop_grid(frames or crop_frames(*self._frame(index, boxes, flips)), self.size)
             current = F.grid_sample(maps, grid, mode='bilinear', padding_mode='border', align_corners=False)
             region = region & keep.view(-1, 1, 1)
         groups = groups or row_groups(index)
         if self.class_ids is not None:
             current = self._select_slots(index, current, maps, class_scores, positives, keep, groups.same)
-        self._ema_update(index, current, region, momentum, groups)
+        self._ema_update(index, current, region, momentum, groups, stored or self.gather(index))
 
-    def _ema_update(self, index, current, region, momentum, groups: RowGroups) -> None:
-        """The sequential EMA of every row in batch order, per group of rows holding one sample (`_groups`), in
+    def _ema_update(self, index: torch.Tensor, current: torch.Tensor, region: torch.Tensor, momentum: float,
+                    groups: RowGroups, stored: StoredRows) -> None:
+        """The sequential EMA of every row in batch order, per group of rows holding one sample (`row_groups`), in
         closed form: stored m^n + sum_r c_r m^(later_r) new_r over the n rows whose region covers a cell, c_r = 1 for
         the first write of a never-seen cell and 1 - m otherwise (cells never seen hold 0, so stored m^n is right for
         them too, and n = 0 leaves a cell as it is). Every row of a group writes the same result."""
-        stored, seen = self.maps[index].float(), self.seen[index]
         # per row and cell: covering repeats after it, before it, and in its whole group (one batched product)
-        later, earlier, writes = (groups.order @ region.float().flatten(1)).view(3, *region.shape)
-        first_write = ~seen & (earlier == 0)
-        weight = region * torch.pow(momentum, later) * torch.where(first_write, 1., 1. - momentum)
+        later, earlier, writes = (groups.order @ region.flatten(1).float()).view(3, *region.shape)
+        held = stored.seen | (earlier > 0)  # the cell holds a value before this row's write
+        weight = region * torch.pow(momentum, later) * (1. - momentum * held)
         contribution = weight.unsqueeze(1) * current
         contribution = torch.zeros_like(contribution).index_add_(0, groups.leader, contribution)[groups.leader]
-        updated = torch.addcmul(contribution, torch.pow(momentum, writes).unsqueeze(1), stored)
+        updated = torch.addcmul(contribution, torch.pow(momentum, writes).unsqueeze(1), stored.maps)
         self.maps[index] = updated.to(self.maps.dtype)
-        self.seen[index] = seen | (writes > 0)
+        self.seen[index] = stored.seen | (writes > 0)
 
     def _select_slots(self, index, current, maps, class_scores, positives, keep, same) -> torch.Tensor:
         """Top-k mode: fix the class set of samples written for the first time (by their first kept row), return

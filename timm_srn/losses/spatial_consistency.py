@@ -12,14 +12,14 @@ Called as `criterion(output, target)` like any timm loss. Terms, each averaged o
 After the loss, the EMA predictions and the heatmap buffer are updated with the current (detached) values.
 
 A call launches a fixed set of kernels and never waits for the device: bad input (soft labels, an index outside
-the buffer, an invalid crop box, non-finite logits) is found on the device, the whole batch then leaves every
+the buffer, an invalid crop box, non-finite logits or heatmaps) is found on the device, the whole batch then leaves every
 buffer unchanged, and `raise_if_invalid` raises naming the problem. train.py calls it after every step (when it
 reads the loss anyway); `set_epoch`, `last_terms` and `state_dict` (checkpoints) call it too, so an invalid batch
 never passes unreported into saved state. `compiled=True` runs the call under torch.compile(fullgraph=True).
 The consistency and spatial terms start after `warmup_epochs` (from `set_epoch`, or, when the training
 loop never calls it, from the number of samples seen divided by `num_samples`).
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.targets import PackedTarget, PackedTargetCheck, check_observed, check_target_shape, unpack_observed
-from .heatmap_buffer import HeatmapBuffer, RowGroups, row_groups
+from .heatmap_buffer import CropFrames, HeatmapBuffer, RowGroups, StoredRows, crop_frames, row_groups
 from .heatmap_source import HeatmapSource
 
 __all__ = ['SpatialConsistencyLoss']
@@ -111,7 +111,7 @@ class SpatialConsistencyLoss(nn.Module):
         self.register_buffer('samples_seen', torch.zeros((), dtype=torch.int64, device=device))
         # rows of rejected batches since the last `raise_if_invalid` (not saved: a checkpoint is taken after a check)
         self.register_buffer('invalid_rows', torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self._latest_batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._latest_batch: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self.target_check = PackedTargetCheck(num_classes, num_samples).to(device)
         self._step = torch.compile(self._loss_and_update, fullgraph=True, backend=compile_backend) \
             if compile_backend else self._loss_and_update
@@ -137,7 +137,13 @@ class SpatialConsistencyLoss(nn.Module):
             return
         self.invalid_rows.zero_()
         if self._latest_batch is not None:
-            check_observed(*self._latest_batch, self.needs_index, type(self).__name__, self.num_samples)
+            output, target, maps = self._latest_batch
+            check_observed(output, target, self.needs_index, type(self).__name__, self.num_samples)
+            if maps is not None and not bool(torch.isfinite(maps).all()):
+                rows = (~torch.isfinite(maps.flatten(1)).all(1)).nonzero()[:, 0].tolist()
+                raise FloatingPointError(
+                    f'{type(self).__name__}: non-finite heatmaps (NaN or Inf) in batch rows {rows[:8]} with finite '
+                    f'logits (the class maps overflowed: use --amp bf16 instead of fp16); no state was updated.')
         raise ValueError(f'{type(self).__name__}: {count} rows of earlier batches had invalid packed targets or '
                          f'non-finite logits; those batches changed no state. Call raise_if_invalid() after each '
                          f'step to get the row named.')
@@ -172,7 +178,7 @@ class SpatialConsistencyLoss(nn.Module):
         maps = self.latest_maps()
         self._check_shapes(output, maps)
         if self.needs_index:
-            self._latest_batch = (output, target)  # described by `raise_if_invalid` (no copy, no op)
+            self._latest_batch = (output, target, maps)  # described by `raise_if_invalid` (no copy, no op)
         loss, terms = self._step(output, target, maps, self.current_epoch() >= self.warmup_epochs)
         self._last_terms = terms
         if self.training:
@@ -183,44 +189,53 @@ class SpatialConsistencyLoss(nn.Module):
     def _loss_and_update(self, output: torch.Tensor, target: torch.Tensor, maps: Optional[torch.Tensor],
                          warm: bool) -> Tuple[torch.Tensor, Tuple[Tuple[str, ...], torch.Tensor]]:
         """The loss terms and the buffer updates of one call: device work only (what `compile_backend` compiles)."""
-        packed = unpack_observed(output, target, self.needs_index, type(self).__name__)
+        packed = unpack_observed(output, target, self.needs_index, type(self).__name__,
+                                 geometry=self.heatmaps is not None and self.align_crops)
         logits = output.float()
         observed = packed.labels > 0.5
         unobserved = ~observed
-        keep = groups = None
+        keep = None
         if packed.index is not None:  # a batch with any bad row changes no state (`raise_if_invalid` reports it)
-            bad = self.target_check(logits, target, packed.index)
-            self.invalid_rows += bad.sum()
-            keep = ~bad.any().expand(len(bad))
+            passed = self.target_check(logits, target, packed.index, maps)
+            self.invalid_rows += (~passed).sum()
+            keep = passed.all().expand(len(passed))
             # refused rows read and write a row of the buffer (changing nothing): no index outside it reaches a kernel
             packed = packed._replace(index=packed.index.clamp(0, self.num_samples - 1))
-            groups = row_groups(packed.index) if self.training else None
+        rows = self._batch_rows(packed, warm)
         terms = {'positive': (F.softplus(-logits) * observed).mean()}  # -log sigmoid(z) on positives
-
-        ema_probs, ema_valid = self._read_predictions(packed)
+        ema = rows.predictions if warm else None
+        if ema is not None:
+            ema_probs, ema_valid = ema.maps.flatten(1), ema.seen.flatten(1)  # (B, C) and (B, 1): seen per sample
         negatives = unobserved
-        if self.negatives == 'en' and warm:
-            expected = ema_valid & (ema_probs < self.en_threshold)
-            negatives = unobserved & (expected | ~ema_valid.any(dim=1, keepdim=True))
+        if self.negatives == 'en' and ema is not None:
+            negatives = unobserved & ((ema_valid & (ema_probs < self.en_threshold)) | ~ema_valid)
         if self.negatives != 'none':
             terms['negative'] = (F.softplus(logits) * negatives).mean()  # -log(1 - sigmoid(z))
-        if self.consistency_weight > 0 and warm:
-            mask = unobserved & ema_valid
+        if self.consistency_weight > 0 and ema is not None:
             soft = F.binary_cross_entropy_with_logits(logits, ema_probs, reduction='none')
-            terms['consistency'] = _weighted(self.consistency_weight, (soft * mask).mean())
+            terms['consistency'] = _weighted(self.consistency_weight, (soft * (unobserved & ema_valid)).mean())
         if maps is not None:
             maps = maps.float()
             if self.spatial_space == 'prob':
                 maps = maps.sigmoid()
             if warm:
-                stored, valid = self.heatmaps.read(packed.index, *self._heatmap_frame(packed), tuple(maps.shape[-2:]),
-                                                   checked=True)
-                squared = (maps - stored).pow(2) * valid
-                terms['spatial'] = _weighted(self.spatial_weight, squared.sum() / max(valid[:, :1].numel() * self.num_classes, 1))
+                stored, valid = self.heatmaps.read(packed.index, packed.boxes, packed.flips, tuple(maps.shape[-2:]),
+                                                   checked=True, frames=rows.frames, stored=rows.heatmaps)
+                terms['spatial'] = _weighted(self.spatial_weight, ((maps - stored).pow(2) * valid).mean())
         loss = sum(terms.values())
         if self.training:
-            self._update(packed, logits, observed, maps, keep, groups)
+            self._update(packed, logits, observed, maps, keep, rows)
         return loss, (tuple(terms), torch.stack(list(terms.values())).detach())
+
+    def _batch_rows(self, packed: PackedTarget, warm: bool) -> '_BatchRows':
+        """What the read and the write of one call share: each buffer's rows gathered once, the crops' frames and
+        the repeated samples' groups, each made only when something reads or writes it."""
+        if packed.index is None or not (warm or self.training):
+            return _BatchRows(None, None, None, None)
+        predictions = self.predictions.gather(packed.index) if self.predictions is not None else None
+        heatmaps = self.heatmaps.gather(packed.index) if self.heatmaps is not None else None
+        frames = crop_frames(packed.boxes, packed.flips) if packed.boxes is not None else None
+        return _BatchRows(predictions, heatmaps, frames, row_groups(packed.index) if self.training else None)
 
     def latest_maps(self) -> Optional[torch.Tensor]:
         """The attached model's heatmaps of its latest forward, as the model gives them (None without the spatial
@@ -240,21 +255,9 @@ class SpatialConsistencyLoss(nn.Module):
             raise ValueError(
                 f'Expected maps ({len(output)}, {self.num_classes}, h, w), got shape {tuple(maps.shape)}.')
 
-    def _read_predictions(self, packed: PackedTarget) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.predictions is None or packed.index is None:
-            empty = torch.zeros_like(packed.labels, dtype=torch.float32)
-            return empty, empty.bool()
-        probs, valid = self.predictions.read(packed.index, checked=True)  # whole image, 1 x 1: stored as is
-        return probs.flatten(1), valid.flatten(1)
-
-    def _heatmap_frame(self, packed: PackedTarget) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(boxes, flips) locating the current maps in the stored ones: the crop's, or with `align_crops=False`
-        (an ablation) None: the whole image, as if every crop were the full unflipped image."""
-        return (packed.boxes, packed.flips) if self.align_crops else (None, None)
-
     @torch.no_grad()
     def _update(self, packed: PackedTarget, logits: torch.Tensor, observed: torch.Tensor, maps: Optional[torch.Tensor],
-                keep: Optional[torch.Tensor], groups: Optional[RowGroups]):
+                keep: Optional[torch.Tensor], rows: '_BatchRows'):
         if packed.index is None:
             self.samples_seen += len(logits) * _world_size()
             return
@@ -263,10 +266,19 @@ class SpatialConsistencyLoss(nn.Module):
         probs = logits.sigmoid()
         if self.predictions is not None:
             self.predictions.write(packed.index, probs[:, :, None, None], momentum=self.momentum, keep=keep,
-                                   groups=groups)
+                                   groups=rows.groups, stored=rows.predictions)
         if self.heatmaps is not None:
-            self.heatmaps.write(packed.index, maps.detach(), *self._heatmap_frame(packed), self.momentum,
-                                class_scores=probs, positives=observed, keep=keep, groups=groups)
+            self.heatmaps.write(packed.index, maps.detach(), packed.boxes, packed.flips, self.momentum,
+                                class_scores=probs, positives=observed, keep=keep, groups=rows.groups,
+                                frames=rows.frames, stored=rows.heatmaps)
+
+
+class _BatchRows(NamedTuple):
+    """The per-call state one criterion call shares between its reads and its writes (`_batch_rows`)."""
+    predictions: Optional[StoredRows]
+    heatmaps: Optional[StoredRows]
+    frames: Optional[CropFrames]
+    groups: Optional[RowGroups]
 
 
 def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
