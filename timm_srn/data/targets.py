@@ -142,33 +142,35 @@ def unpack_observed(output: torch.Tensor, target: torch.Tensor, needs_index: boo
 
 
 class PackedTargetCheck(nn.Module):
-    """Rows of packed targets that `check_observed` would refuse, found on the device without synchronisation:
-    labels other than 0 / 1, index fields that are not an exact index below `num_samples`, boxes outside [0, 1] or
-    empty, flips other than 0 / 1, or logits (and heatmaps, when given) that are not finite. One table of bounds
-    serves every column: a row passes when rounding its integer columns and clamping every column to its bounds
-    changes nothing (NaN never compares equal). A fixed dozen kernels, whatever the batch."""
+    """Whether a batch of packed targets holds only what `check_observed` accepts, found on the device without
+    synchronisation: labels of 0 / 1, index fields that make an exact index below `num_samples`, flips of 0 / 1 and
+    boxes in [0, 1] (non-empty ones when `geometry`: the caller reads them). One table of bounds serves every
+    column: the batch passes when rounding its integer columns and clamping every column to its bounds changes
+    nothing (NaN never compares equal). A handful of kernels, whatever the batch; `check_observed` names the row."""
 
-    def __init__(self, num_classes: int, num_samples: int):
+    def __init__(self, num_classes: int, num_samples: int, geometry: bool = True):
         super().__init__()
-        self.num_classes, self.num_samples = num_classes, num_samples
+        self.num_classes, self.num_samples, self.geometry = num_classes, num_samples, geometry
         # columns: labels (C), index high and low halves, x0 y0 x1 y1, flip
         upper = [1.] * num_classes + [float((num_samples - 1) // _INDEX_BASE), _INDEX_BASE - 1., 1., 1., 1., 1., 1.]
+        if num_samples <= _INDEX_BASE:  # the low half alone is the index: its bound is the exact one
+            upper[num_classes + 1] = num_samples - 1.
         integer = [True] * num_classes + [True, True, False, False, False, False, True]
         self.register_buffer('lower', torch.zeros(len(upper)), persistent=False)
         self.register_buffer('upper', torch.tensor(upper), persistent=False)
         self.register_buffer('integer', torch.tensor(integer), persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor,
-                maps: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B,) bool: the rows that pass (the others are refused). `index`: the rows' sample indices as unpacked
-        (`unpack_observed`); `maps`: heatmaps the caller stores."""
+    def forward(self, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """0-dim bool: every row passes. `index`: the rows' sample indices as unpacked (`unpack_observed`)."""
         values = target.float()
         bounded = torch.where(self.integer, values.round(), values).clamp(self.lower, self.upper)
-        widths = values.narrow(1, self.num_classes + 4, 2) - values.narrow(1, self.num_classes + 2, 2)
-        finite = (logits - logits).sum(1) == 0  # NaN for a non-finite value anywhere in the row
-        if maps is not None:
-            finite = finite & ((maps - maps).flatten(1).sum(1) == 0)
-        return (bounded == values).all(1) & (widths > 0).all(1) & (index < self.num_samples) & finite
+        passes = (bounded == values).all()
+        if self.geometry:
+            widths = values.narrow(1, self.num_classes + 4, 2) - values.narrow(1, self.num_classes + 2, 2)
+            passes = passes & (widths > 0).all()
+        if self.num_samples > _INDEX_BASE:
+            passes = passes & (index < self.num_samples).all()
+        return passes
 
 
 def check_observed(output: torch.Tensor, target: torch.Tensor, needs_index: bool, criterion_name: str,

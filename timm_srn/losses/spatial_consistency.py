@@ -19,6 +19,8 @@ never passes unreported into saved state. `compiled=True` runs the call under to
 The consistency and spatial terms start after `warmup_epochs` (from `set_epoch`, or, when the training
 loop never calls it, from the number of samples seen divided by `num_samples`).
 """
+import functools
+import operator
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -109,10 +111,11 @@ class SpatialConsistencyLoss(nn.Module):
             if spatial_weight > 0 else None
         self.register_buffer('epoch', torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer('samples_seen', torch.zeros((), dtype=torch.int64, device=device))
-        # rows of rejected batches since the last `raise_if_invalid` (not saved: a checkpoint is taken after a check)
-        self.register_buffer('invalid_rows', torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # batches refused since the last `raise_if_invalid` (not saved: a checkpoint is taken after a check)
+        self.register_buffer('invalid_batches', torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self._latest_batch: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
-        self.target_check = PackedTargetCheck(num_classes, num_samples).to(device)
+        self._geometry = self.heatmaps is not None and align_crops  # the crop boxes and flips are read
+        self.target_check = PackedTargetCheck(num_classes, num_samples, self._geometry).to(device)
         self._step = torch.compile(self._loss_and_update, fullgraph=True, backend=compile_backend) \
             if compile_backend else self._loss_and_update
         self._epoch_set = False
@@ -132,10 +135,10 @@ class SpatialConsistencyLoss(nn.Module):
     def raise_if_invalid(self) -> None:
         """Raise if a call since the last check met bad input (its batch changed no state): the error of
         `check_observed` on the latest batch when that is the bad one. One host synchronisation."""
-        count = int(self.invalid_rows)
+        count = int(self.invalid_batches)
         if not count:
             return
-        self.invalid_rows.zero_()
+        self.invalid_batches.zero_()
         if self._latest_batch is not None:
             output, target, maps = self._latest_batch
             check_observed(output, target, self.needs_index, type(self).__name__, self.num_samples)
@@ -144,8 +147,8 @@ class SpatialConsistencyLoss(nn.Module):
                 raise FloatingPointError(
                     f'{type(self).__name__}: non-finite heatmaps (NaN or Inf) in batch rows {rows[:8]} with finite '
                     f'logits (the class maps overflowed: use --amp bf16 instead of fp16); no state was updated.')
-        raise ValueError(f'{type(self).__name__}: {count} rows of earlier batches had invalid packed targets or '
-                         f'non-finite logits; those batches changed no state. Call raise_if_invalid() after each '
+        raise ValueError(f'{type(self).__name__}: {count} earlier batches had invalid packed targets or non-finite '
+                         f'logits or heatmaps; those batches changed no state. Call raise_if_invalid() after each '
                          f'step to get the row named.')
 
     def state_dict(self, *args, **kwargs):
@@ -189,17 +192,11 @@ class SpatialConsistencyLoss(nn.Module):
     def _loss_and_update(self, output: torch.Tensor, target: torch.Tensor, maps: Optional[torch.Tensor],
                          warm: bool) -> Tuple[torch.Tensor, Tuple[Tuple[str, ...], torch.Tensor]]:
         """The loss terms and the buffer updates of one call: device work only (what `compile_backend` compiles)."""
-        packed = unpack_observed(output, target, self.needs_index, type(self).__name__,
-                                 geometry=self.heatmaps is not None and self.align_crops)
+        packed = unpack_observed(output, target, self.needs_index, type(self).__name__, geometry=self._geometry)
         logits = output.float()
-        observed = packed.labels > 0.5
-        unobserved = ~observed
-        keep = None
-        if packed.index is not None:  # a batch with any bad row changes no state (`raise_if_invalid` reports it)
-            passed = self.target_check(logits, target, packed.index, maps)
-            self.invalid_rows += (~passed).sum()
-            keep = passed.all().expand(len(passed))
-            # refused rows read and write a row of the buffer (changing nothing): no index outside it reaches a kernel
+        observed = packed.labels  # 0 / 1 (checked), used as float masks
+        unobserved = 1. - observed
+        if packed.index is not None:  # refused rows read a row of the buffer: no index outside it reaches a kernel
             packed = packed._replace(index=packed.index.clamp(0, self.num_samples - 1))
         rows = self._batch_rows(packed, warm)
         terms = {'positive': (F.softplus(-logits) * observed).mean()}  # -log sigmoid(z) on positives
@@ -208,12 +205,13 @@ class SpatialConsistencyLoss(nn.Module):
             ema_probs, ema_valid = ema.maps.flatten(1), ema.seen.flatten(1)  # (B, C) and (B, 1): seen per sample
         negatives = unobserved
         if self.negatives == 'en' and ema is not None:
-            negatives = unobserved & ((ema_valid & (ema_probs < self.en_threshold)) | ~ema_valid)
+            negatives = unobserved * ((ema_valid & (ema_probs < self.en_threshold)) | ~ema_valid)
         if self.negatives != 'none':
             terms['negative'] = (F.softplus(logits) * negatives).mean()  # -log(1 - sigmoid(z))
         if self.consistency_weight > 0 and ema is not None:
             soft = F.binary_cross_entropy_with_logits(logits, ema_probs, reduction='none')
-            terms['consistency'] = _weighted(self.consistency_weight, (soft * (unobserved & ema_valid)).mean())
+            terms['consistency'] = _weighted(self.consistency_weight, (soft * (unobserved * ema_valid)).mean())
+        raw_maps = maps
         if maps is not None:
             maps = maps.float()
             if self.spatial_space == 'prob':
@@ -222,10 +220,22 @@ class SpatialConsistencyLoss(nn.Module):
                 stored, valid = self.heatmaps.read(packed.index, packed.boxes, packed.flips, tuple(maps.shape[-2:]),
                                                    checked=True, frames=rows.frames, stored=rows.heatmaps)
                 terms['spatial'] = _weighted(self.spatial_weight, ((maps - stored).pow(2) * valid).mean())
-        loss = sum(terms.values())
+        loss = functools.reduce(operator.add, terms.values())
         if self.training:
-            self._update(packed, logits, observed, maps, keep, rows)
+            self._update(packed, logits, observed, maps, self._keep(loss, target, packed, raw_maps), rows)
         return loss, (tuple(terms), torch.stack(list(terms.values())).detach())
+
+    def _keep(self, loss: torch.Tensor, target: torch.Tensor, packed: PackedTarget,
+              maps: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B,) bool, all True or all False: whether the batch may change state. Refused when a packed field is
+        invalid (`PackedTargetCheck`) or a logit or map is not finite (every logit enters the loss: a non-finite one
+        makes it non-finite); counted in `invalid_batches` for `raise_if_invalid`."""
+        if packed.index is None:
+            return None
+        total = loss if maps is None else loss + maps.sum()
+        passes = self.target_check(target, packed.index) & (total - total == 0)
+        self.invalid_batches += ~passes
+        return passes.expand(len(target))
 
     def _batch_rows(self, packed: PackedTarget, warm: bool) -> '_BatchRows':
         """What the read and the write of one call share: each buffer's rows gathered once, the crops' frames and
