@@ -2,14 +2,17 @@
 launch on a GPU, where a small criterion is launch-bound) and the operators that make the host wait for the device.
 
 Counted with a `TorchDispatchMode` around the call and around the backward, so the counts are the same on every
-device (a CPU run gives the GPU's launch count; views are counted too).
+device (a CPU run gives the GPU's launch count; views are counted too). A criterion compiled by inductor
+(`compile_backend='inductor'`) is counted from the code inductor generates instead (`compiled_launches`).
 """
+import re
 from typing import Callable, List, NamedTuple
 
 import torch
+from torch._inductor.utils import run_and_get_code  # the generated code: no public API returns it
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ['OpCounts', 'count_ops', 'criterion_op_counts', 'SYNC_OPS']
+__all__ = ['CompiledLaunches', 'OpCounts', 'compiled_launches', 'count_ops', 'criterion_op_counts', 'SYNC_OPS']
 
 # operators whose result the host must read (a device synchronisation on a GPU), or whose output shape depends on data
 SYNC_OPS = frozenset({
@@ -21,9 +24,11 @@ class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: List[str] = []
+        self.views = 0  # ops whose output is a view of an input: metadata only, no kernel
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.overloadpacket._qualified_op_name)
+        self.views += func.is_view
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket._qualified_op_name in ('aten::_to_copy', 'aten::copy_'):
             source = args[0] if func.overloadpacket._qualified_op_name == 'aten::_to_copy' else args[1]
@@ -44,6 +49,7 @@ class OpCounts(NamedTuple):
     forward: int  # aten ops of one criterion call
     backward_extra: int  # aten ops of the backward beyond those of BCE on the same logits
     syncs: int  # operators that wait for the device (scalar reads, data-dependent shapes, copies to the host)
+    forward_kernels: int  # the forward's ops that are not views (each launches a kernel on a GPU)
 
 
 def criterion_op_counts(criterion: Callable, model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor,
@@ -54,12 +60,40 @@ def criterion_op_counts(criterion: Callable, model: torch.nn.Module, images: tor
     for _ in range(warmup):
         criterion(model(images), target).backward()
     output = model(images)
-    losses = []
-    loss_ops = count_ops(lambda: losses.append(criterion(output, target)))
-    backward_ops = count_ops(losses[0].backward)
+    with _Recorder() as call:
+        loss = criterion(output, target)
+    backward_ops = count_ops(loss.backward)
     reference = model(images)
     labels = target[:, :reference.shape[1]].float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(reference.float(), labels)
     bce_backward = count_ops(bce.backward)
-    syncs = sum(op in SYNC_OPS or op == 'device_copy' for op in loss_ops + backward_ops)
-    return OpCounts(len(loss_ops), len(backward_ops) - len(bce_backward), syncs)
+    syncs = sum(op in SYNC_OPS or op == 'device_copy' for op in call.ops + backward_ops)
+    return OpCounts(len(call.ops), len(backward_ops) - len(bce_backward), syncs, len(call.ops) - call.views)
+
+class CompiledLaunches(NamedTuple):
+    forward: int  # launches of the compiled call: generated kernels and library calls (matmul, ...)
+    backward: int  # launches of its compiled backward
+
+
+# a launch in inductor's generated `call`: a C++ or Triton kernel, or a library / aten fallback call
+_LAUNCH = re.compile(r'^\s*(?:cpp_fused_\w+|\w+\.run|extern_kernels\.\w+|(?:torch\.ops\.)?aten\.\w+(?:\.\w+)?)\(', re.M)
+
+
+def _launches(code: str) -> int:
+    call = code[code.index('def call('):]
+    return len(_LAUNCH.findall(call.split('\nrunner = ')[0]))
+
+
+def compiled_launches(criterion: Callable, model: torch.nn.Module, images: torch.Tensor,
+                      target: torch.Tensor) -> CompiledLaunches:
+    """`CompiledLaunches` of `criterion(model(images), target)` and its backward, for a criterion built with
+    `compile_backend='inductor'`, read from the code inductor generates at its first call (compile caches are
+    reset first, so the call compiles). On a CPU the C++ backend fuses more per kernel than Triton does on a GPU."""
+    torch.compiler.reset()
+    _, codes = run_and_get_code(lambda: criterion(model(images), target).backward())
+    backward = [c for c in codes if 'tangents_' in c[c.index('def call('):]]
+    forward = [c for c in codes if c not in backward]
+    if len(forward) != 1 or len(backward) != 1:
+        raise RuntimeError(f'Expected one compiled forward and one backward graph, got {len(forward)} and '
+                           f'{len(backward)} (a graph break or a recompilation).')
+    return CompiledLaunches(_launches(forward[0]), _launches(backward[0]))

@@ -268,7 +268,6 @@ class HeatmapBuffer(nn.Module):
         if keep is None:  # the caller checked nothing: rows with non-finite maps are skipped here and counted
             keep = (maps - maps).flatten(1).sum(1) == 0  # NaN for any non-finite value
             self.skipped_rows += (~keep).sum()
-        maps = maps.masked_fill(~keep.view(-1, 1, 1, 1), 0.)  # refused and skipped rows write nothing (no region)
         if boxes is None and maps.shape[-2:] == self.size:
             current, region = maps, keep.view(-1, 1, 1).expand(-1, *self.size)
         else:
@@ -289,8 +288,9 @@ class HeatmapBuffer(nn.Module):
         # per row and cell: covering repeats after it, before it, and in its whole group (one batched product)
         later, earlier, writes = (groups.order @ region.flatten(1).float()).view(3, *region.shape)
         held = stored.seen | (earlier > 0)  # the cell holds a value before this row's write
-        weight = region * torch.pow(momentum, later) * (1. - momentum * held)
-        contribution = weight.unsqueeze(1) * current
+        weight = torch.pow(momentum, later) * (1. - momentum * held)
+        # outside its region a row adds nothing, even where its maps are not finite (a refused or skipped row)
+        contribution = torch.where(region.unsqueeze(1), weight.unsqueeze(1) * current, 0.)
         contribution = torch.zeros_like(contribution).index_add_(0, groups.leader, contribution)[groups.leader]
         updated = torch.addcmul(contribution, torch.pow(momentum, writes).unsqueeze(1), stored.maps)
         self.maps[index] = updated.to(self.maps.dtype)

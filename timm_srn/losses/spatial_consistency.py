@@ -123,14 +123,14 @@ class SpatialConsistencyLoss(nn.Module):
         self._host_epoch, self._host_samples_seen = 0., 0
         self.register_load_state_dict_post_hook(lambda module, keys: module._mirror_counters())
         self._source: Optional[HeatmapSource] = None
-        self._last_terms: Tuple[Tuple[str, ...], torch.Tensor] = ((), torch.zeros(0))
+        self._last_terms: Tuple[Tuple[str, ...], Tuple[torch.Tensor, ...]] = ((), ())
 
     @property
     def last_terms(self) -> Dict[str, float]:
         """The weighted terms of the latest call (converted on access, so logging costs no sync per step)."""
         self.raise_if_invalid()
         names, values = self._last_terms
-        return dict(zip(names, values.tolist()))
+        return dict(zip(names, torch.stack(values).detach().tolist())) if values else {}
 
     def raise_if_invalid(self) -> None:
         """Raise if a call since the last check met bad input (its batch changed no state): the error of
@@ -190,7 +190,7 @@ class SpatialConsistencyLoss(nn.Module):
         return loss
 
     def _loss_and_update(self, output: torch.Tensor, target: torch.Tensor, maps: Optional[torch.Tensor],
-                         warm: bool) -> Tuple[torch.Tensor, Tuple[Tuple[str, ...], torch.Tensor]]:
+                         warm: bool) -> Tuple[torch.Tensor, Tuple[Tuple[str, ...], Tuple[torch.Tensor, ...]]]:
         """The loss terms and the buffer updates of one call: device work only (what `compile_backend` compiles)."""
         packed = unpack_observed(output, target, self.needs_index, type(self).__name__, geometry=self._geometry)
         logits = output.float()
@@ -223,7 +223,7 @@ class SpatialConsistencyLoss(nn.Module):
         loss = functools.reduce(operator.add, terms.values())
         if self.training:
             self._update(packed, logits, observed, maps, self._keep(loss, target, packed, raw_maps), rows)
-        return loss, (tuple(terms), torch.stack(list(terms.values())).detach())
+        return loss, (tuple(terms), tuple(terms.values()))
 
     def _keep(self, loss: torch.Tensor, target: torch.Tensor, packed: PackedTarget,
               maps: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
