@@ -3,6 +3,7 @@
 
 0. for every single-positive criterion: the aten ops of one call (each a kernel launch on a GPU), the backward ops
    beyond BCE's, and the host synchronisations per step (`timm_srn.op_count`; the same counts on any device);
+   with --compiled-launches, the launches of the stateful criteria compiled by inductor (compile_backend);
 1. one ResNet-50 train step (224, batch 32 where memory allows) with SpatialConsistencyLoss (read + align + loss +
    write back, class maps from a forward_features hook) vs the same step with plain BCE, as a ratio (target <= 1.02);
 2. the buffer's read + write vs a plain index_select + index_copy_ of the same bytes;
@@ -11,49 +12,80 @@
     python benchmarks/loss_overhead.py                   # CPU, batch 8
     python benchmarks/loss_overhead.py --device cuda --batch-size 32 --amp bf16
     python benchmarks/loss_overhead.py --op-counts-only  # part 0 alone (CPU, seconds)
+    python benchmarks/loss_overhead.py --op-counts-only --compiled-launches  # and 0b: the inductor-compiled criteria
 """
+from typing import Callable, Tuple
+
 import torch
 import torch.nn.functional as F
 
 import timm
 from timm_srn.data import pack_target
 from timm_srn.losses import SINGLE_POSITIVE_LOSSES, HeatmapBuffer, SpatialConsistencyLoss, create_single_positive_loss
-from timm_srn.op_count import criterion_op_counts
+from timm_srn.op_count import compiled_launches, criterion_op_counts
 
 from common import AMP_DTYPES, benchmark_parser, device_name, time_interleaved
 
 DATASETS = {'COCO 2014 train': (82_783, 80), 'ImageNet-1K train': (1_281_167, 1000)}
 
 
-def print_op_counts(num_classes: int, num_samples: int = 1000, batch: int = 32) -> None:
-    """Part 0: ops and synchronisations of one call of every single-positive criterion (resnet18 at 64 px: the
-    counts do not depend on the model or the image size), packed targets with crops, flips and a repeated sample,
-    after the warm-up epochs."""
+def _counting_batch(num_classes: int, num_samples: int, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images and packed targets with crops, flips and a repeated sample (the counts do not depend on the image
+    size or the model: resnet18 at 64 px)."""
     generator = torch.Generator().manual_seed(0)
     index = torch.randint(0, num_samples, (batch,), generator=generator)
     index[1] = index[0]
     target = torch.stack([pack_target(torch.eye(num_classes)[int(i) % num_classes], int(i), (0.1, 0.05, 0.9, 0.85),
                                       bool(i % 2)) for i in index])
-    images = torch.randn(batch, 3, 64, 64, generator=generator)
+    return torch.randn(batch, 3, 64, 64, generator=generator), target
+
+
+def _counted(name: str, num_classes: int, num_samples: int, **kwargs) -> Tuple[torch.nn.Module, Callable]:
+    """A fresh resnet18 and the criterion `name` attached to it, its warm-up epochs over."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=num_classes)
+    if SINGLE_POSITIVE_LOSSES[name][0] == 'SpatialConsistencyLoss':
+        kwargs['warmup_epochs'] = 0
+    criterion = create_single_positive_loss(name, num_samples, num_classes, **kwargs)
+    if hasattr(criterion, 'attach'):
+        criterion.attach(model)
+    return model, criterion
+
+
+def print_op_counts(num_classes: int, num_samples: int = 1000, batch: int = 32) -> None:
+    """Part 0: ops and synchronisations of one call of every single-positive criterion, after the warm-up epochs."""
+    images, target = _counting_batch(num_classes, num_samples, batch)
     print(f'aten ops per criterion call (batch {batch}, {num_classes} classes):')
     print(f"{'criterion':14}{'forward':>9}{'of which kernels':>18}{'backward beyond BCE':>21}{'host syncs':>12}")
     for name in SINGLE_POSITIVE_LOSSES:
-        torch.manual_seed(0)
-        model = timm.create_model('resnet18', num_classes=num_classes)
-        stateful = SINGLE_POSITIVE_LOSSES[name][0] == 'SpatialConsistencyLoss'
-        criterion = create_single_positive_loss(name, num_samples, num_classes, **(dict(warmup_epochs=0) if stateful else {}))
-        if hasattr(criterion, 'attach'):
-            criterion.attach(model)
+        model, criterion = _counted(name, num_classes, num_samples)
         counts = criterion_op_counts(criterion, model, images, target)
         print(f'{name:14}{counts.forward:9d}{counts.forward_kernels:18d}{counts.backward_extra:21d}{counts.syncs:12d}')
+
+
+def print_compiled_launches(num_classes: int, num_samples: int = 1000, batch: int = 32) -> None:
+    """Part 0b: launches of one call and its backward with compile_backend='inductor', counted in the code inductor
+    generates for this machine (a CPU's C++ kernels fuse more than a GPU's Triton kernels; minutes to compile)."""
+    images, target = _counting_batch(num_classes, num_samples, batch)
+    print(f'launches per call with compile_backend=\'inductor\' ({device_name(torch.device("cpu"))} code):')
+    print(f"{'criterion':14}{'forward':>9}{'backward':>10}")
+    for name, (cls, _, _) in SINGLE_POSITIVE_LOSSES.items():
+        if cls == 'SpatialConsistencyLoss':
+            model, criterion = _counted(name, num_classes, num_samples, compile_backend='inductor')
+            launches = compiled_launches(criterion, model, images, target)
+            print(f'{name:14}{launches.forward:9d}{launches.backward:10d}')
 
 
 def main():
     p = benchmark_parser(__doc__)
     p.add_argument('--num-samples', type=int, default=82_783, help='buffer rows (COCO train by default)')
     p.add_argument('--op-counts-only', action='store_true', help='print the op counts (part 0) and stop')
+    p.add_argument('--compiled-launches', action='store_true',
+                   help="also count the launches of the criteria with compile_backend='inductor' (part 0b, minutes)")
     args = p.parse_args()
     print_op_counts(args.num_classes)
+    if args.compiled_launches:
+        print_compiled_launches(args.num_classes)
     if args.op_counts_only:
         return
     device = torch.device(args.device)
