@@ -44,7 +44,7 @@ from timm_srn.cli import HelpFormatter
 from timm_srn.data import SYNTHETIC_LABEL_NAMES, create_dataset, generate_synthetic_coco, protocol_split
 from timm_srn.evaluation import IndexedDataset, eval_transform, predict, predict_outputs
 from timm_srn.imagenet_weights import save_efficientnet_lite0
-from timm_srn.localisation import chance_localisation, map_localisation
+from timm_srn.localisation import chance_localisation, map_localisation, visible_fractions
 from timm_srn.metrics import average_precision
 
 from common import ROOT, device_name, load_script
@@ -202,12 +202,6 @@ class CropSet(torch.utils.data.Dataset):
         return img, torch.from_numpy(self.targets[index]), torch.from_numpy(self.mask[index]), index
 
 
-def visible_fraction(box: Tuple[float, float, float, float], crop: Tuple[float, float, float, float]) -> float:
-    w = max(0., min(box[2], crop[2]) - max(box[0], crop[0]))
-    h = max(0., min(box[3], crop[3]) - max(box[1], crop[1]))
-    return w * h / max((box[2] - box[0]) * (box[3] - box[1]), 1e-12)
-
-
 _CANVAS = torch.empty(1, 1000, 1000)  # crop boxes are drawn in thousandths of the image
 
 
@@ -227,14 +221,14 @@ def cropped_out_set(train, observed: np.ndarray, transform) -> CropSet:
     generator = torch.Generator().manual_seed(0)
     crops, targets, masks = [], [], []
     for row in range(len(train)):
-        image_boxes = {int(box[0]): tuple(box[1:]) for box in train.boxes[row]}  # one box per class in the scenes
+        boxes = np.asarray(train.boxes[row])  # one box per class in the scenes
         (positive,) = np.flatnonzero(observed[row])
         for _ in range(CONFIG['crops_per_image']):
             crop = _crop_box(generator)
-            if visible_fraction(image_boxes[positive], crop) >= CONFIG['cropped_out_below']:
+            visible = np.zeros(observed.shape[1])
+            visible[boxes[:, 0].astype(int)] = visible_fractions(boxes, crop)
+            if visible[positive] >= CONFIG['cropped_out_below']:
                 continue
-            visible = np.array([visible_fraction(image_boxes[c], crop) if c in image_boxes else 0.
-                                for c in range(observed.shape[1])])
             crops.append((row, crop))
             targets.append((visible >= CONFIG['visible_from']).astype(np.float32))
             masks.append((visible >= CONFIG['visible_from']) | (visible == 0))

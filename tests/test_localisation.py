@@ -6,7 +6,7 @@ import torch
 
 from timm_srn.data import pack_target
 from timm_srn.localisation import (
-    CropLocalisation, boxes_in_crop, buffer_localisation, cells_in_box, chance_localisation)
+    CropLocalisation, boxes_in_crop, buffer_localisation, cells_in_box, chance_localisation, visible_fractions)
 from timm_srn.losses import HeatmapBuffer
 
 from .scripts import load_script
@@ -84,3 +84,10 @@ def test_train_py_records_the_localisation_of_spatial_runs(synthetic_dir, tmp_pa
         assert 0 <= record['buffer_observed'] <= 100 and record['crop_maps_observed_maps'] > 0
     with pytest.raises(SystemExit):
         train.main(args[:-3] + ['--loss', 'an', '--measure-localisation', '--output', str(tmp_path / 'an')])
+
+
+def test_visible_fractions_by_hand():
+    box = np.array([[3, 0., 0., .5, .5]])
+    assert visible_fractions(box, (0., 0., 1., 1.)) == pytest.approx([1.])
+    assert visible_fractions(box, (.25, 0., 1., 1.)) == pytest.approx([.5])
+    assert visible_fractions(box, (.6, .6, 1., 1.)) == pytest.approx([0.])

@@ -36,12 +36,6 @@ def test_study_backbone_map_sizes():
     assert srn.forward_branches(x).attention.shape[-2:] == (10, 10)
 
 
-def test_visible_fraction_by_hand():
-    assert paper_claims.visible_fraction((0., 0., .5, .5), (0., 0., 1., 1.)) == 1.
-    assert paper_claims.visible_fraction((0., 0., .5, .5), (.25, 0., 1., 1.)) == pytest.approx(.5)
-    assert paper_claims.visible_fraction((0., 0., .5, .5), (.6, .6, 1., 1.)) == 0.
-
-
 @pytest.mark.slow
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setitem(paper_claims.CONFIG, 'train_scenes', 60)

@@ -16,7 +16,7 @@ from .losses.heatmap_buffer import HeatmapBuffer
 from .models import SRN, class_activation_maps
 
 __all__ = ['argmax_in_box', 'cells_in_box', 'model_maps', 'map_localisation', 'buffer_localisation', 'boxes_in_crop',
-           'CropLocalisation', 'chance_localisation']
+           'visible_fractions', 'CropLocalisation', 'chance_localisation']
 
 
 def argmax_in_box(maps: torch.Tensor, boxes: np.ndarray) -> Dict[int, bool]:
@@ -142,21 +142,27 @@ def buffer_localisation(buffer: HeatmapBuffer, boxes: Sequence[np.ndarray], obse
     return tally.result('buffer')
 
 
+def visible_fractions(boxes: np.ndarray, crop: Sequence[float]) -> np.ndarray:
+    """The share of each (column, x0, y0, x1, y1) box's area inside a crop (x0, y0, x1, y1 in [0, 1] of the image)."""
+    cx0, cy0, cx1, cy1 = crop
+    width = np.maximum(0., np.minimum(boxes[:, 3], cx1) - np.maximum(boxes[:, 1], cx0))
+    height = np.maximum(0., np.minimum(boxes[:, 4], cy1) - np.maximum(boxes[:, 2], cy0))
+    return width * height / np.maximum((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 4] - boxes[:, 2]), 1e-12)
+
+
 def boxes_in_crop(boxes: np.ndarray, crop: Sequence[float], flip: bool, visible_from: float = 0.5) -> np.ndarray:
     """The (column, x0, y0, x1, y1) boxes of an image in the frame of a crop (x0, y0, x1, y1 in [0, 1] of the image,
     flipped horizontally after cropping when `flip`), cut to the crop; boxes with less than `visible_from` of their
-    area in view are dropped."""
+    area in view are dropped (`visible_fractions`)."""
     cx0, cy0, cx1, cy1 = crop
     x0 = np.clip((boxes[:, 1] - cx0) / (cx1 - cx0), 0, 1)
     x1 = np.clip((boxes[:, 3] - cx0) / (cx1 - cx0), 0, 1)
     y0 = np.clip((boxes[:, 2] - cy0) / (cy1 - cy0), 0, 1)
     y1 = np.clip((boxes[:, 4] - cy0) / (cy1 - cy0), 0, 1)
-    visible = (x1 - x0) * (y1 - y0) * (cx1 - cx0) * (cy1 - cy0)
-    area = np.maximum((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 4] - boxes[:, 2]), 1e-12)
     if flip:
         x0, x1 = 1. - x1, 1. - x0
     cut = np.stack([boxes[:, 0], x0, y0, x1, y1], axis=1)
-    return cut[visible / area >= visible_from]
+    return cut[visible_fractions(boxes, crop) >= visible_from]
 
 
 class CropLocalisation:
