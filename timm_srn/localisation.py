@@ -55,18 +55,16 @@ def chance_localisation(boxes: Sequence[np.ndarray], observed: np.ndarray, size:
     """The shares (%) a uniformly random argmax would score, per kind ('observed', 'other'), on size-(h, w) maps of
     the whole images, or with `crops` (per image, a list of (crop box, flip)) on the maps of those crops
     (`boxes_in_crop`, as `CropLocalisation` counts them); `columns` restricts the classes."""
-    sums, counts = dict(observed=0., other=0.), dict(observed=0, other=0)
+    tally = _Tally()
     for row, image_boxes in enumerate(boxes):
         if columns is not None:
             image_boxes = image_boxes[np.isin(image_boxes[:, 0], columns)]
         views = [boxes_in_crop(image_boxes, crop, flip) for crop, flip in crops[row]] if crops is not None \
             else [image_boxes]
         for view in views:
-            for column, share in (cells_in_box(size, view).items() if len(view) else ()):
-                kind = 'observed' if observed[row, column] > 0.5 else 'other'
-                sums[kind] += share
-                counts[kind] += 1
-    return {kind: 100. * sums[kind] / counts[kind] for kind in sums if counts[kind]}
+            if len(view):
+                tally.add(cells_in_box(size, view), observed[row])  # a hit counts its share of the cells
+    return tally.shares()
 
 
 @torch.no_grad()
@@ -103,18 +101,22 @@ class _Tally:
     """Hits and totals of the observed positive and of the other present classes."""
 
     def __init__(self):
-        self.hits = dict(observed=0, other=0)
+        self.hits = dict(observed=0., other=0.)
         self.total = dict(observed=0, other=0)
 
-    def add(self, hits: Dict[int, bool], observed_row: np.ndarray) -> None:
+    def add(self, hits: Dict[int, float], observed_row: np.ndarray) -> None:
+        """One map per column: a hit (bool), or the chance of one (float)."""
         for column, hit in hits.items():
             kind = 'observed' if observed_row[column] > 0.5 else 'other'
             self.hits[kind] += hit
             self.total[kind] += 1
 
+    def shares(self) -> Dict[str, float]:
+        """Hits per map (%), per kind with maps."""
+        return {kind: 100. * self.hits[kind] / self.total[kind] for kind in self.total if self.total[kind]}
+
     def result(self, prefix: str) -> Dict[str, float]:
-        shares = {f'{prefix}_{kind}': 100. * self.hits[kind] / self.total[kind] for kind in self.total
-                  if self.total[kind]}
+        shares = {f'{prefix}_{kind}': share for kind, share in self.shares().items()}
         return dict(shares, **{f'{prefix}_{kind}_maps': self.total[kind] for kind in self.total})
 
 
