@@ -94,9 +94,8 @@ SETTINGS: Dict[str, Setting] = {
     # SRN's attention localises where the plain class maps do not: the spatial term on it, at the default term's scale
     # (raw attention differs ~60x less between crops than sigmoid class maps do), against consistency on SRN
     'srn consistency warm-up 3': Setting('SRN single positive', 'srn', 'consistency', dict(warmup_epochs=3)),
-    'srn spatial attention warm-up 3': Setting(
-        'SRN single positive', 'srn', 'spatial', dict(warmup_epochs=3, heatmap_source='attention',
-                                                      spatial_space='logit', heatmap_size=[10, 10], spatial_weight=60.)),
+    'srn spatial attention warm-up 3': Setting('SRN single positive', 'srn', 'spatial', dict(
+        warmup_epochs=3, heatmap_source='attention', spatial_space='logit', heatmap_size=[10, 10], spatial_weight=60.)),
 }
 
 

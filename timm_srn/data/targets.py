@@ -134,8 +134,8 @@ def unpack_observed(output: torch.Tensor, target: torch.Tensor, needs_index: boo
                     geometry: bool = True) -> PackedTarget:
     """`unpack_target` for single-positive criteria, from shapes alone (`check_target_shape`): no device work beyond
     slicing and no host synchronisation (a training step stays capturable). Float observed labels, and the sample
-    index when the criterion keeps per-sample state, with the boxes and flips unless `geometry` is False. Values are checked by `PackedTargetCheck`
-    (on the device, inside the step) and described by `check_observed` (on the host)."""
+    index when the criterion keeps per-sample state, with the boxes and flips unless `geometry` is False. Values are
+    checked by `PackedTargetCheck` (on the device, inside the step) and described by `check_observed` (on the host)."""
     check_target_shape(output, target, needs_index, criterion_name)
     packed = _split(target, output.shape[1], fields=needs_index, geometry=geometry)
     return packed._replace(labels=packed.labels.float())

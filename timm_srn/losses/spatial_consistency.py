@@ -12,10 +12,11 @@ Called as `criterion(output, target)` like any timm loss. Terms, each averaged o
 After the loss, the EMA predictions and the heatmap buffer are updated with the current (detached) values.
 
 A call launches a fixed set of kernels and never waits for the device: bad input (soft labels, an index outside
-the buffer, an invalid crop box, non-finite logits or heatmaps) is found on the device, the whole batch then leaves every
-buffer unchanged, and `raise_if_invalid` raises naming the problem. train.py calls it after every step (when it
+the buffer, an invalid crop box, non-finite logits or heatmaps) is found on the device, the whole batch then leaves
+every buffer unchanged, and `raise_if_invalid` raises naming the problem. train.py calls it after every step (when it
 reads the loss anyway); `set_epoch`, `last_terms` and `state_dict` (checkpoints) call it too, so an invalid batch
-never passes unreported into saved state. `compiled=True` runs the call under torch.compile(fullgraph=True).
+never passes unreported into saved state. Each buffer's rows are gathered once per call and shared by its read and
+its write. `compile_backend` runs the call under torch.compile(fullgraph=True).
 The consistency and spatial terms start after `warmup_epochs` (from `set_epoch`, or, when the training
 loop never calls it, from the number of samples seen divided by `num_samples`).
 """
