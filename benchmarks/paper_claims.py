@@ -372,10 +372,10 @@ def findings(settings: Dict[str, Any]) -> List[str]:
               for n in ('en', 'consistency', 'spatial', 'en-spatial')),
             ('`spatial` − `consistency` (the spatial term alone)', 'spatial', 'consistency', ('mAP', 'crop_mAP')),
             ('`en-spatial` − `en` (the spatial term on expected negatives)', 'en-spatial', 'en', ('mAP', 'crop_mAP')),
-            ('`spatial` − `consistency`, both with warm-up 3 (the spatial term at a later start)', 'spatial warm-up 3',
+            ('`spatial` − `consistency`, both at warm-up 3 (the spatial term at a later start)', 'spatial warm-up 3',
              'consistency warm-up 3', ('mAP', 'crop_mAP')),
             ('`consistency` warm-up 3 − `an`', 'consistency warm-up 3', 'an', ('mAP', 'crop_mAP')),
-            ('SRN: `spatial` on its attention − `consistency`, both with warm-up 3', 'srn spatial attention warm-up 3',
+            ('SRN: `spatial` on its attention − `consistency`, both at warm-up 3', 'srn spatial attention warm-up 3',
              'srn consistency warm-up 3', ('mAP', 'crop_mAP')),
             *((f'{_setting_label(n, s)} − `spatial`', n, 'spatial', ('mAP',)) for n, s in settings.items()
               if s['group'] == 'ablation' and s['loss'] == 'spatial')]
