@@ -93,6 +93,7 @@ SETTINGS: Dict[str, Setting] = {
     'consistency warm-up 3': Setting('ablation', 'plain', 'consistency', dict(warmup_epochs=3)),
     # SRN's attention localises where the plain class maps do not: the spatial term on it, at the default term's scale
     # (raw attention differs ~60x less between crops than sigmoid class maps do), against consistency on SRN
+    'srn an': Setting('SRN single positive', 'srn', 'an'),
     'srn consistency warm-up 3': Setting('SRN single positive', 'srn', 'consistency', dict(warmup_epochs=3)),
     'srn spatial attention warm-up 3': Setting('SRN single positive', 'srn', 'spatial', dict(
         warmup_epochs=3, heatmap_source='attention', spatial_space='logit', heatmap_size=[10, 10], spatial_weight=60.)),
@@ -375,6 +376,8 @@ def findings(settings: Dict[str, Any]) -> List[str]:
             ('`spatial` − `consistency`, both at warm-up 3 (the spatial term at a later start)', 'spatial warm-up 3',
              'consistency warm-up 3', ('mAP', 'crop_mAP')),
             ('`consistency` warm-up 3 − `an`', 'consistency warm-up 3', 'an', ('mAP', 'crop_mAP')),
+            ('SRN: `consistency` warm-up 3 − `an`', 'srn consistency warm-up 3', 'srn an', ('mAP', 'crop_mAP')),
+            ('SRN: `an` − plain `an` (SRN\'s recipe under one positive label)', 'srn an', 'an', ('mAP', 'crop_mAP')),
             ('SRN: `spatial` on its attention − `consistency`, both at warm-up 3', 'srn spatial attention warm-up 3',
              'srn consistency warm-up 3', ('mAP', 'crop_mAP')),
             *((f'{_setting_label(n, s)} − `spatial`', n, 'spatial', ('mAP',)) for n, s in settings.items()
