@@ -365,7 +365,7 @@ def _within(settings: Dict[str, Any], name: str, metric: str) -> Optional[str]:
 def findings(settings: Dict[str, Any]) -> List[str]:
     """The differences the claims are about, computed from the same JSON."""
     srn_rows = [(f'{_setting_label(n, s)} − plain backbone', n, 'full', ('mAP', 'mAP_relations', 'mAP_objects'))
-                for n, s in settings.items() if s.get('model') == 'srn']
+                for n, s in settings.items() if s.get('model') == 'srn' and s['group'] == 'SRN']  # full labels
     within = [(f'{_setting_label(n, s)}: fused − its own y_cls (the part that is SRN\'s own)', n)
               for n, s in settings.items() if s.get('model') == 'srn']
     rows = [*srn_rows,
@@ -384,7 +384,8 @@ def findings(settings: Dict[str, Any]) -> List[str]:
               if s['group'] == 'ablation' and s['loss'] == 'spatial')]
     lines = [f'- {title}: mAP {d}' for title, name in within if (d := _within(settings, name, 'fused_minus_y_cls'))]
     lines += [f'- {_setting_label(n, s)}: its own y_cls − plain backbone: mAP {d}' for n, s in settings.items()
-              if s.get('model') == 'srn' and (d := _delta(settings, n, 'full', 'mAP_y_cls', 'mAP'))]
+              if s.get('model') == 'srn' and s['group'] == 'SRN'
+              and (d := _delta(settings, n, 'full', 'mAP_y_cls', 'mAP'))]
     for title, name, reference, metrics in rows:
         parts = [f'{m}: {d}' for m in metrics if (d := _delta(settings, name, reference, m)) is not None]
         if parts:
