@@ -4,6 +4,7 @@ import torch
 from torchvision.ops import roi_align
 
 from timm_srn.losses import HeatmapBuffer
+from timm_srn.losses.heatmap_buffer import write_ema
 
 FULL = torch.tensor([[0., 0., 1., 1.]])
 
@@ -98,6 +99,28 @@ def test_one_batch_with_repeats_equals_its_rows_written_one_by_one(index, classe
     if classes_per_sample:
         assert torch.equal(together.class_ids, one_by_one.class_ids)
     assert int(together.skipped_rows) == 0  # refused rows are the caller's to report
+
+
+@pytest.mark.parametrize('classes_per_sample', [None, 2])
+def test_buffers_updated_side_by_side_equal_each_written_alone(classes_per_sample):
+    """`write_ema` of several buffers' `prepare_write`s (one update over all their cells: the criterion's predictions
+    and heatmaps) equals writing each buffer on its own, whatever their sizes, dtypes and slots."""
+    generator = torch.Generator().manual_seed(0)
+    index, keep = torch.tensor([2, 0, 2, 1]), torch.tensor([True, True, True, False])
+    maps = torch.rand(4, 3, 4, 4, generator=generator)
+    boxes, flips = torch.tensor([[0., 0., 1., 1.], [0.1, 0.2, 0.7, 0.9], [0.3, 0., 1., 0.6], [0., 0., 1., 1.]]), \
+        torch.tensor([False, True, False, True])
+    configs = [((1, 1), torch.float32, None), ((5, 5), torch.float32, classes_per_sample), ((3, 3), torch.float16, None)]
+    alone, together = ([HeatmapBuffer(3, 3, size, dtype, classes_per_sample=k) for size, dtype, k in configs]
+                       for _ in range(2))
+    arguments = [(maps.mean((2, 3), keepdim=True), None, None), (maps, boxes, flips), (maps, boxes, flips)]
+    for buffer, (rows, row_boxes, row_flips) in zip(alone, arguments):
+        buffer.write(index, rows, row_boxes, row_flips, momentum=0.6, keep=keep)
+    write_ema([buffer.prepare_write(index, rows, row_boxes, row_flips, keep=keep)
+               for buffer, (rows, row_boxes, row_flips) in zip(together, arguments)], momentum=0.6)
+    for expected, actual in zip(alone, together):
+        for (name, value), other in zip(expected.state_dict().items(), actual.state_dict().values()):
+            torch.testing.assert_close(other, value, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_bad_input_raises_before_any_write():

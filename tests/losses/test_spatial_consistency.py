@@ -107,11 +107,18 @@ def test_expected_negatives_ignore_likely_positives():
                                        warmup_epochs=0, momentum=0., heatmap_dtype=torch.float32)
     target = _batch([0], positives=[0])
     first = torch.tensor([[5., -5., 5., -5., -5.]])  # class 2 looks present
-    criterion(first, target)
+    # a never-seen sample has every unobserved label negative, as 'an'
+    torch.testing.assert_close(criterion(first, target), (F.softplus(-first[0, 0]) + F.softplus(first[0, 1:]).sum()) / C)
     loss = criterion(torch.zeros(1, C), target)
     # positive class 0; negatives: 1, 3, 4 (EMA prob < 0.3); class 2 ignored
     expected = (F.softplus(torch.tensor(0.)) * 4) / C
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize('threshold', [0., -0.1, 1.5])
+def test_expected_negatives_need_a_threshold_a_never_seen_sample_falls_below(threshold):
+    with pytest.raises(ValueError, match=r'en_threshold must be in \(0, 1\]'):
+        SpatialConsistencyLoss(2, C, negatives='en', en_threshold=threshold)
 
 
 def test_warmup_uses_set_epoch_or_samples_seen():

@@ -101,7 +101,8 @@ def _state(criterion):
     return {k: v.clone() for k, v in criterion.state_dict().items()}
 
 
-@pytest.mark.parametrize('case', ['bad_box', 'mis_shaped_maps', 'index_outside', 'nan_logits'])
+@pytest.mark.parametrize('case', ['bad_box', 'empty_box', 'mis_shaped_maps', 'index_outside', 'nan_logits',
+                                  'inf_maps'])
 def test_a_bad_batch_changes_no_state_and_is_reported_even_during_warmup(case):
     """Shapes raise at the call; values are found on the device (no host sync in the step): the batch changes no
     state and `raise_if_invalid` (train.py calls it after every step) names the row."""
@@ -114,16 +115,24 @@ def test_a_bad_batch_changes_no_state_and_is_reported_even_during_warmup(case):
         target = torch.cat([_target(2), _target(3)])
         target[1, C + 2:C + 6] = torch.tensor([0.6, 0.2, 0.4, 0.9])  # x1 < x0
         error, message = ValueError, 'row 1: crop box'
+    elif case == 'empty_box':
+        target = torch.cat([_target(2), _target(3, (0.3, 0.2, 0.3, 0.9))])  # zero width
+        error, message = ValueError, 'row 1: crop box'
     elif case == 'mis_shaped_maps':
         criterion._source = _FixedMaps(torch.rand(2, C + 1, 3, 3))
         error, message = ValueError, r'Expected maps \(2, 4, h, w\)'
     elif case == 'index_outside':
         target = torch.cat([_target(2), _target(9)])
         error, message = IndexError, 'Sample index 9 at batch row 1 is outside the buffer'
-    else:
+    elif case == 'nan_logits':
         logits = logits.clone()
         logits[1, 2] = float('nan')
         error, message = FloatingPointError, r'non-finite logits .* rows \[1\] \(dataset indices \[1\]\)'
+    else:
+        maps = torch.rand(2, C, 3, 3)
+        maps[1, 0, 0, 0] = float('inf')
+        criterion._source = _FixedMaps(maps)
+        error, message = FloatingPointError, r'non-finite heatmaps .* rows \[1\]'
     with pytest.raises(error, match=message):
         criterion(logits, target)
         criterion.raise_if_invalid()

@@ -105,7 +105,7 @@ def _split(target: torch.Tensor, num_classes: int, fields: bool = True, geometry
         return PackedTarget(target.narrow(1, 0, num_classes), None, None, None)
     extra = target.narrow(1, num_classes, NUM_PACKED_FIELDS).float()
     halves = extra.narrow(1, 0, 2).long()
-    index = halves[:, 0] * _INDEX_BASE + halves[:, 1]
+    index = torch.add(halves[:, 1], halves[:, 0], alpha=_INDEX_BASE)
     if not geometry:
         return PackedTarget(target.narrow(1, 0, num_classes), index, None, None)
     return PackedTarget(target.narrow(1, 0, num_classes), index, extra.narrow(1, 2, 4), extra[:, 6] > 0.5)
@@ -142,32 +142,43 @@ def unpack_observed(output: torch.Tensor, target: torch.Tensor, needs_index: boo
 
 
 class PackedTargetCheck(nn.Module):
-    """Whether a batch of packed targets holds only what `check_observed` accepts, found on the device without
-    synchronisation: labels of 0 / 1, index fields that make an exact index below `num_samples`, flips of 0 / 1 and
-    boxes in [0, 1] (non-empty ones when `geometry`: the caller reads them). One table of bounds serves every
-    column: the batch passes when rounding its integer columns and clamping every column to its bounds changes
-    nothing (NaN never compares equal). A handful of kernels, whatever the batch; `check_observed` names the row."""
+    """Whether a batch of packed targets holds only what `check_observed` accepts, and its loss is finite, found on
+    the device without synchronisation: labels of 0 / 1, index fields that make an exact index below `num_samples`,
+    flips of 0 / 1, boxes in [0, 1] (with positive widths when `geometry`: the caller reads them) and finite sums of
+    what enters the step (the loss, the maps). One table of bounds serves every column, the widths and the sums
+    included: the batch passes when rounding its integer columns and clamping every column to its bounds changes
+    nothing (NaN never compares equal, an infinite sum is clamped to the largest float, a zero width to the smallest).
+    A handful of kernels, whatever the batch; `check_observed` names the row."""
 
-    def __init__(self, num_classes: int, num_samples: int, geometry: bool = True):
+    def __init__(self, num_classes: int, num_samples: int, geometry: bool = True, num_sums: int = 1):
         super().__init__()
-        self.num_classes, self.num_samples, self.geometry = num_classes, num_samples, geometry
-        # columns: labels (C), index high and low halves, x0 y0 x1 y1, flip
+        self.num_classes, self.num_samples, self.geometry, self.num_sums = num_classes, num_samples, geometry, num_sums
+        # columns: labels (C), index high and low halves, x0 y0 x1 y1, flip, [box width and height], the sums
         upper = [1.] * num_classes + [float((num_samples - 1) // _INDEX_BASE), _INDEX_BASE - 1., 1., 1., 1., 1., 1.]
         if num_samples <= _INDEX_BASE:  # the low half alone is the index: its bound is the exact one
             upper[num_classes + 1] = num_samples - 1.
-        integer = [True] * num_classes + [True, True, False, False, False, False, True]
-        self.register_buffer('lower', torch.zeros(len(upper)), persistent=False)
+        lower = [0.] * len(upper)
+        widths = 2 if geometry else 0
+        largest, smallest = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
+        upper += [1.] * widths + [largest] * num_sums
+        lower += [smallest] * widths + [-largest] * num_sums
+        integer = [True] * (num_classes + 2) + [False] * 4 + [True] + [False] * (widths + num_sums)
+        self.register_buffer('lower', torch.tensor(lower), persistent=False)
         self.register_buffer('upper', torch.tensor(upper), persistent=False)
         self.register_buffer('integer', torch.tensor(integer), persistent=False)
 
-    def forward(self, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """0-dim bool: every row passes. `index`: the rows' sample indices as unpacked (`unpack_observed`)."""
+    def forward(self, target: torch.Tensor, index: torch.Tensor, *sums: torch.Tensor) -> torch.Tensor:
+        """0-dim bool: every row passes and every one of the `num_sums` 0-dim `sums` is finite (a sum is finite when
+        every value that enters it is). `index`: the rows' sample indices as unpacked (`unpack_observed`)."""
+        if len(sums) != self.num_sums:
+            raise ValueError(f'{type(self).__name__} was built for {self.num_sums} sums, got {len(sums)}.')
         values = target.float()
-        bounded = torch.where(self.integer, values.round(), values).clamp(self.lower, self.upper)
-        passes = (bounded == values).all()
+        columns = [values]
         if self.geometry:
-            widths = values.narrow(1, self.num_classes + 4, 2) - values.narrow(1, self.num_classes + 2, 2)
-            passes = passes & (widths > 0).all()
+            columns.append(values.narrow(1, self.num_classes + 4, 2) - values.narrow(1, self.num_classes + 2, 2))
+        columns = torch.cat(columns + [value.float().expand(len(values), 1) for value in sums], dim=1)
+        bounded = torch.where(self.integer, columns.round(), columns).clamp(self.lower, self.upper)
+        passes = (bounded == columns).all()
         if self.num_samples > _INDEX_BASE:
             passes = passes & (index < self.num_samples).all()
         return passes

@@ -18,7 +18,7 @@ synchronise with the host, so a training step can be captured (CUDA graphs, torc
 Under torch.distributed every write is all-gathered and applied in rank order on every rank, so all
 ranks hold identical contents, equal to one process fed the concatenated global batch.
 """
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,8 @@ from timm.task.evaluator import _gather_rows
 
 from ..data.targets import FULL_BOX, invalid_box_rows
 
-__all__ = ['CropFrames', 'HeatmapBuffer', 'RowGroups', 'StoredRows', 'crop_frames', 'crop_to_frame_grid',
-           'frame_to_crop_grid', 'row_groups']
+__all__ = ['CropFrames', 'EmaUpdate', 'HeatmapBuffer', 'RowGroups', 'StoredRows', 'crop_frames', 'crop_to_frame_grid',
+           'frame_to_crop_grid', 'row_groups', 'write_ema']
 
 
 _CELLS: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
@@ -62,7 +62,7 @@ def crop_frames(boxes: torch.Tensor, flips: torch.Tensor) -> CropFrames:
     boxes = boxes.float()
     lo, hi = boxes.narrow(1, 0, 2), boxes.narrow(1, 2, 2)
     extent = hi - lo
-    flip_x = F.pad(flips.to(boxes.dtype)[:, None], (0, 1))
+    flip_x = F.pad(flips.bool()[:, None], (0, 1))  # (flip, False) per row
     scale = torch.addcmul(extent, extent, flip_x, value=-2.)  # extent * (1 - 2 flip)
     return CropFrames((lo + hi - 1.).view(-1, 1, 1, 2), scale.view(-1, 1, 1, 2))
 
@@ -88,7 +88,6 @@ class StoredRows(NamedTuple):
 class RowGroups(NamedTuple):
     """Rows of a batch holding the same sample (repeated augmentation), for the closed-form EMA of repeats."""
     same: torch.Tensor  # (B, B) bool: rows r and s hold one sample
-    leader: torch.Tensor  # (B,) the first row of each row's group
     order: torch.Tensor  # (3, B, B) float: [s after r in r's group, s before r, s in r's group]
 
 
@@ -96,8 +95,7 @@ def row_groups(index: torch.Tensor) -> RowGroups:
     """`RowGroups` of a batch's sample indices (once per batch: every buffer written with them shares it)."""
     same = index.view(-1, 1) == index.view(1, -1)
     after = same.triu(1)
-    order = torch.stack([after, after.t(), same]).float()
-    return RowGroups(same, order[2].argmax(1), order)
+    return RowGroups(same, torch.stack([after, after.t(), same]).float())
 
 
 class HeatmapBuffer(nn.Module):
@@ -257,7 +255,27 @@ class HeatmapBuffer(nn.Module):
         `SpatialConsistencyLoss` does), giving refused rows an index inside the buffer: the call then runs no check
         and no host synchronisation. Without it, `validate` runs. Repeated samples are applied in batch order,
         computed in closed form (no loop over repeats). `groups`, `frames`, `stored`: the batch's `row_groups`,
-        `crop_frames` and `gather` (before any write), when the caller has them already."""
+        `crop_frames` and `gather` (before any write), when the caller has them already. Buffers written with one
+        batch's rows can share one update: `write_ema` of their `prepare_write`s."""
+        write_ema([self.prepare_write(index, maps, boxes, flips, class_scores, positives, keep, groups, frames,
+                                      stored)], momentum)
+
+    @torch.no_grad()
+    def prepare_write(
+            self,
+            index: torch.Tensor,
+            maps: torch.Tensor,
+            boxes: Optional[torch.Tensor] = None,
+            flips: Optional[torch.Tensor] = None,
+            class_scores: Optional[torch.Tensor] = None,
+            positives: Optional[torch.Tensor] = None,
+            keep: Optional[torch.Tensor] = None,
+            groups: Optional[RowGroups] = None,
+            frames: Optional[CropFrames] = None,
+            stored: Optional[StoredRows] = None,
+    ) -> 'EmaUpdate':
+        """The `EmaUpdate` of `write` (its arguments, less the momentum). It changes nothing yet but the top-k class
+        sets of samples written for the first time and the `skipped_rows` count."""
         if keep is None:
             self.validate(index, *self._frame(index, boxes, flips), maps)
         gathered = self._gather(index, maps, boxes, flips, class_scores, positives, keep)
@@ -277,24 +295,7 @@ class HeatmapBuffer(nn.Module):
         groups = groups or row_groups(index)
         if self.class_ids is not None:
             current = self._select_slots(index, current, maps, class_scores, positives, keep, groups.same)
-        self._ema_update(index, current, region, momentum, groups, stored or self.gather(index))
-
-    def _ema_update(self, index: torch.Tensor, current: torch.Tensor, region: torch.Tensor, momentum: float,
-                    groups: RowGroups, stored: StoredRows) -> None:
-        """The sequential EMA of every row in batch order, per group of rows holding one sample (`row_groups`), in
-        closed form: stored m^n + sum_r c_r m^(later_r) new_r over the n rows whose region covers a cell, c_r = 1 for
-        the first write of a never-seen cell and 1 - m otherwise (cells never seen hold 0, so stored m^n is right for
-        them too, and n = 0 leaves a cell as it is). Every row of a group writes the same result."""
-        # per row and cell: covering repeats after it, before it, and in its whole group (one batched product)
-        later, earlier, writes = (groups.order @ region.flatten(1).float()).view(3, *region.shape)
-        held = stored.seen | (earlier > 0)  # the cell holds a value before this row's write
-        weight = torch.pow(momentum, later) * (1. - momentum * held)
-        # outside its region a row adds nothing, even where its maps are not finite (a refused or skipped row)
-        contribution = torch.where(region.unsqueeze(1), weight.unsqueeze(1) * current, 0.)
-        contribution = torch.zeros_like(contribution).index_add_(0, groups.leader, contribution)[groups.leader]
-        updated = torch.addcmul(contribution, torch.pow(momentum, writes).unsqueeze(1), stored.maps)
-        self.maps[index] = updated.to(self.maps.dtype)
-        self.seen[index] = stored.seen | (writes > 0)
+        return EmaUpdate(self, index, current, region, stored or self.gather(index), groups)
 
     def _select_slots(self, index, current, maps, class_scores, positives, keep, same) -> torch.Tensor:
         """Top-k mode: fix the class set of samples written for the first time (by their first kept row), return
@@ -334,3 +335,53 @@ class HeatmapBuffer(nn.Module):
         positives = next(extra) if positives is not None else None
         return (index, maps.reshape(-1, self.num_classes, h, w), boxes, flips[:, 0] > 0.5, class_scores, positives,
                 keep[:, 0] > 0.5)
+
+
+class EmaUpdate(NamedTuple):
+    """One buffer's share of an EMA write (`HeatmapBuffer.prepare_write`), applied by `write_ema`."""
+    buffer: HeatmapBuffer
+    index: torch.Tensor  # (B,) the rows' sample indices (every rank's rows under torch.distributed)
+    current: torch.Tensor  # (B, slots, H, W) float32: the rows' maps in the buffer's frame
+    region: torch.Tensor  # (B, H, W) bool: the cells each row writes
+    stored: StoredRows  # the rows as stored before the write
+    groups: RowGroups  # of `index`
+
+
+@torch.no_grad()
+def write_ema(updates: Sequence[EmaUpdate], momentum: float) -> None:
+    """Apply the `EmaUpdate`s of buffers written with one batch's rows. Those with the same slots and dtype go side by
+    side, as one closed-form update over all their cells (one set of kernels, whatever the number of buffers).
+
+    The closed form of the sequential EMA of every row in batch order, per group of rows holding one sample
+    (`row_groups`): stored m^n + sum_r c_r m^(later_r) new_r over the n rows whose region covers a cell, c_r = 1 for
+    the first write of a never-seen cell and 1 - m otherwise (cells never seen hold 0, so stored m^n is right for them
+    too, and n = 0 leaves a cell as it is). Every row of a group writes the same result."""
+    alike: Dict[Tuple[int, torch.dtype], List[EmaUpdate]] = {}
+    for update in updates:
+        alike.setdefault((update.current.shape[1], update.buffer.maps.dtype), []).append(update)
+    for (_, dtype), group in alike.items():
+        current = _side_by_side([u.current for u in group])
+        region = _side_by_side([u.region for u in group])
+        seen = _side_by_side([u.stored.seen for u in group])
+        order = group[0].groups.order
+        # per row and cell: covering repeats after it, before it, and in its whole group (one batched product)
+        counts = order @ region.float()
+        powers = torch.pow(momentum, counts)  # m^later, (unused), m^n
+        held = seen | (counts[1] > 0)  # the cell holds a value before this row's write
+        weight = torch.addcmul(powers[0], powers[0], held, value=-momentum)  # m^later (1 - m held)
+        # outside its region a row adds nothing, even where its maps are not finite (a refused or skipped row)
+        contribution = torch.where(region.unsqueeze(1), weight.unsqueeze(1) * current, 0.)
+        # every row of a group gets its group's sum, as one product with the group matrix
+        contribution = (order[2] @ contribution.flatten(1)).view_as(contribution)
+        updated = torch.addcmul(contribution, powers[2].unsqueeze(1), _side_by_side([u.stored.maps for u in group]))
+        cells = [u.region[0].numel() for u in group]
+        parts = zip(group, updated.to(dtype).split(cells, -1), (seen | (counts[2] > 0)).split(cells, -1))
+        for update, maps, update_seen in parts:
+            update.buffer.maps[update.index] = maps.unflatten(-1, update.region.shape[1:])
+            update.buffer.seen[update.index] = update_seen.unflatten(-1, update.region.shape[1:])
+
+
+def _side_by_side(parts: List[torch.Tensor]) -> torch.Tensor:
+    """Per-row tensors (B, ..., H, W), cells flattened and concatenated along the last axis."""
+    parts = [part.flatten(-2) for part in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)

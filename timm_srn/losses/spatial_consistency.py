@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.targets import PackedTarget, PackedTargetCheck, check_observed, check_target_shape, unpack_observed
-from .heatmap_buffer import CropFrames, HeatmapBuffer, RowGroups, StoredRows, crop_frames, row_groups
+from .heatmap_buffer import CropFrames, HeatmapBuffer, RowGroups, StoredRows, crop_frames, row_groups, write_ema
 from .heatmap_source import HeatmapSource
 
 __all__ = ['SpatialConsistencyLoss']
@@ -91,6 +91,8 @@ class SpatialConsistencyLoss(nn.Module):
         super().__init__()
         if spatial_space not in SPATIAL_SPACES:
             raise ValueError(f'spatial_space must be one of {SPATIAL_SPACES}, got {spatial_space!r}.')
+        if not 0. < en_threshold <= 1.:  # a never-seen sample's stored 0 must count as below it
+            raise ValueError(f'en_threshold must be in (0, 1], got {en_threshold}.')
         if negatives not in NEGATIVE_MODES:
             raise ValueError(f'negatives must be one of {NEGATIVE_MODES}, got {negatives!r}.')
         self.num_samples = num_samples
@@ -116,7 +118,8 @@ class SpatialConsistencyLoss(nn.Module):
         self.register_buffer('invalid_batches', torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self._latest_batch: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         self._geometry = self.heatmaps is not None and align_crops  # the crop boxes and flips are read
-        self.target_check = PackedTargetCheck(num_classes, num_samples, self._geometry).to(device)
+        self.target_check = PackedTargetCheck(num_classes, num_samples, self._geometry,
+                                              1 + (self.heatmaps is not None)).to(device)
         self._step = torch.compile(self._loss_and_update, fullgraph=True, backend=compile_backend) \
             if compile_backend else self._loss_and_update
         self._epoch_set = False
@@ -205,8 +208,8 @@ class SpatialConsistencyLoss(nn.Module):
         if ema is not None:
             ema_probs, ema_valid = ema.maps.flatten(1), ema.seen.flatten(1)  # (B, C) and (B, 1): seen per sample
         negatives = unobserved
-        if self.negatives == 'en' and ema is not None:
-            negatives = unobserved * ((ema_valid & (ema_probs < self.en_threshold)) | ~ema_valid)
+        if self.negatives == 'en' and ema is not None:  # never-seen samples read 0 < en_threshold: all negative
+            negatives = unobserved * (ema_probs < self.en_threshold)
         if self.negatives != 'none':
             terms['negative'] = (F.softplus(logits) * negatives).mean()  # -log(1 - sigmoid(z))
         if self.consistency_weight > 0 and ema is not None:
@@ -220,7 +223,8 @@ class SpatialConsistencyLoss(nn.Module):
             if warm:
                 stored, valid = self.heatmaps.read(packed.index, packed.boxes, packed.flips, tuple(maps.shape[-2:]),
                                                    checked=True, frames=rows.frames, stored=rows.heatmaps)
-                terms['spatial'] = _weighted(self.spatial_weight, ((maps - stored).pow(2) * valid).mean())
+                squared = F.mse_loss(maps, stored, reduction='none')
+                terms['spatial'] = _weighted(self.spatial_weight, (squared * valid).mean())
         loss = functools.reduce(operator.add, terms.values())
         if self.training:
             self._update(packed, logits, observed, maps, self._keep(loss, target, packed, raw_maps), rows)
@@ -233,8 +237,8 @@ class SpatialConsistencyLoss(nn.Module):
         makes it non-finite); counted in `invalid_batches` for `raise_if_invalid`."""
         if packed.index is None:
             return None
-        total = loss if maps is None else loss + maps.sum()
-        passes = self.target_check(target, packed.index) & (total - total == 0)
+        finite = (loss,) if maps is None else (loss, maps.sum())
+        passes = self.target_check(target, packed.index, *finite)
         self.invalid_batches += ~passes
         return passes.expand(len(target))
 
@@ -272,16 +276,17 @@ class SpatialConsistencyLoss(nn.Module):
         if packed.index is None:
             self.samples_seen += len(logits) * _world_size()
             return
-        world_size = _world_size()
-        self.samples_seen += keep.sum() if world_size == 1 else keep.sum() * world_size
+        self.samples_seen.add_(keep[0], alpha=len(keep) * _world_size())  # keep: one verdict for the whole batch
         probs = logits.sigmoid()
+        updates = []  # both buffers in one EMA update (`write_ema`)
         if self.predictions is not None:
-            self.predictions.write(packed.index, probs[:, :, None, None], momentum=self.momentum, keep=keep,
-                                   groups=rows.groups, stored=rows.predictions)
+            updates.append(self.predictions.prepare_write(packed.index, probs[:, :, None, None], keep=keep,
+                                                          groups=rows.groups, stored=rows.predictions))
         if self.heatmaps is not None:
-            self.heatmaps.write(packed.index, maps.detach(), packed.boxes, packed.flips, self.momentum,
-                                class_scores=probs, positives=observed, keep=keep, groups=rows.groups,
-                                frames=rows.frames, stored=rows.heatmaps)
+            updates.append(self.heatmaps.prepare_write(
+                packed.index, maps.detach(), packed.boxes, packed.flips, class_scores=probs, positives=observed,
+                keep=keep, groups=rows.groups, frames=rows.frames, stored=rows.heatmaps))
+        write_ema(updates, self.momentum)
 
 
 class _BatchRows(NamedTuple):
