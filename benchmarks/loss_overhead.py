@@ -22,22 +22,11 @@ import torch.nn.functional as F
 import timm
 from timm_srn.data import pack_target
 from timm_srn.losses import SINGLE_POSITIVE_LOSSES, HeatmapBuffer, SpatialConsistencyLoss, create_single_positive_loss
-from timm_srn.op_count import compiled_launches, criterion_op_counts
+from timm_srn.op_count import compiled_launches, counting_batch, criterion_op_counts
 
 from common import AMP_DTYPES, benchmark_parser, device_name, time_interleaved
 
 DATASETS = {'COCO 2014 train': (82_783, 80), 'ImageNet-1K train': (1_281_167, 1000)}
-
-
-def _counting_batch(num_classes: int, num_samples: int, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Images and packed targets with crops, flips and a repeated sample (the counts do not depend on the image
-    size or the model: resnet18 at 64 px)."""
-    generator = torch.Generator().manual_seed(0)
-    index = torch.randint(0, num_samples, (batch,), generator=generator)
-    index[1] = index[0]
-    target = torch.stack([pack_target(torch.eye(num_classes)[int(i) % num_classes], int(i), (0.1, 0.05, 0.9, 0.85),
-                                      bool(i % 2)) for i in index])
-    return torch.randn(batch, 3, 64, 64, generator=generator), target
 
 
 def _counted(name: str, num_classes: int, num_samples: int, **kwargs) -> Tuple[torch.nn.Module, Callable]:
@@ -54,7 +43,7 @@ def _counted(name: str, num_classes: int, num_samples: int, **kwargs) -> Tuple[t
 
 def print_op_counts(num_classes: int, num_samples: int = 1000, batch: int = 32) -> None:
     """Part 0: ops and synchronisations of one call of every single-positive criterion, after the warm-up epochs."""
-    images, target = _counting_batch(num_classes, num_samples, batch)
+    images, target = counting_batch(num_classes, num_samples, batch)
     print(f'aten ops per criterion call (batch {batch}, {num_classes} classes):')
     print(f"{'criterion':14}{'forward':>9}{'of which kernels':>18}{'backward beyond BCE':>21}{'host syncs':>12}")
     for name in SINGLE_POSITIVE_LOSSES:
@@ -66,7 +55,7 @@ def print_op_counts(num_classes: int, num_samples: int = 1000, batch: int = 32) 
 def print_compiled_launches(num_classes: int, num_samples: int = 1000, batch: int = 32) -> None:
     """Part 0b: launches of one call and its backward with compile_backend='inductor', counted in the code inductor
     generates for this machine (a CPU's C++ kernels fuse more than a GPU's Triton kernels; minutes to compile)."""
-    images, target = _counting_batch(num_classes, num_samples, batch)
+    images, target = counting_batch(num_classes, num_samples, batch)
     print(f'launches per call with compile_backend=\'inductor\' ({device_name(torch.device("cpu"))} code):')
     print(f"{'criterion':14}{'forward':>9}{'backward':>10}")
     for name, (cls, _, _) in SINGLE_POSITIVE_LOSSES.items():

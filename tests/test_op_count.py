@@ -7,7 +7,7 @@ import torch
 
 from timm_srn.data import pack_target
 from timm_srn.losses import create_single_positive_loss
-from timm_srn.op_count import compiled_launches, count_ops, criterion_op_counts
+from timm_srn.op_count import compiled_launches, count_ops, counting_batch, criterion_op_counts
 
 C, N, B = 80, 1000, 32
 STATEFUL = ('consistency', 'en', 'spatial', 'en-spatial')
@@ -15,16 +15,8 @@ STATEFUL = ('consistency', 'en', 'spatial', 'en-spatial')
 # on kernels (views launch nothing): <= 10 for the stateless criteria, <= 60 for consistency / en, <= 100 for the
 # spatial criteria with <= 40 in the backward (down from 271 / 410 aten ops before the step became free of
 # synchronisation, and from 61 / 121 kernels before both buffers shared one EMA update)
-LIMITS = {'an': (10, 10, 0), 'wan': (10, 10, 1), 'an-ls': (10, 10, 0), 'consistency': (89, 51, 13),
-          'en': (91, 53, 13), 'spatial': (157, 89, 38), 'en-spatial': (159, 91, 38)}
-
-
-def _batch():
-    generator = torch.Generator().manual_seed(0)
-    index = torch.randint(0, N, (B,), generator=generator)
-    index[1] = index[0]  # a repeated sample: the closed-form path, still no synchronisation
-    return torch.randn(B, 3, 64, 64, generator=generator), torch.stack(
-        [pack_target(torch.eye(C)[int(i) % C], int(i), (0.1, 0.05, 0.9, 0.85), bool(i % 2)) for i in index])
+LIMITS = {'an': (10, 10, 0), 'wan': (10, 10, 1), 'an-ls': (10, 10, 0), 'consistency': (88, 51, 13),
+          'en': (90, 53, 13), 'spatial': (156, 89, 38), 'en-spatial': (158, 91, 38)}
 
 
 @pytest.mark.parametrize('name', list(LIMITS))
@@ -34,7 +26,7 @@ def test_criterion_op_counts_and_no_host_synchronisation(name):
     criterion = create_single_positive_loss(name, N, C, **(dict(warmup_epochs=0) if name in STATEFUL else {}))
     if hasattr(criterion, 'attach'):
         criterion.attach(model)
-    counts = criterion_op_counts(criterion, model, *_batch())
+    counts = criterion_op_counts(criterion, model, *counting_batch(C, N, B))
     forward, kernels, backward = LIMITS[name]
     assert counts.syncs == 0
     assert counts.forward <= forward and counts.forward_kernels <= kernels and counts.backward_extra <= backward, counts
@@ -59,7 +51,7 @@ def test_inductor_compiles_a_spatial_call_and_its_backward_into_a_few_launches()
     eager, compiled = (create_single_positive_loss('spatial', N, C, warmup_epochs=0, heatmap_dtype=torch.float32,
                                                    **kwargs).attach(model)
                        for kwargs, model in zip(({}, dict(compile_backend='inductor')), models))
-    images, target = _batch()
+    images, target = counting_batch(C, N, B)
     eager(models[0](images), target).backward()
     launches = compiled_launches(compiled, models[1], images, target)
     assert launches.forward <= 8 and launches.backward <= 2, launches

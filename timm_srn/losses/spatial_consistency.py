@@ -232,15 +232,15 @@ class SpatialConsistencyLoss(nn.Module):
 
     def _keep(self, loss: torch.Tensor, target: torch.Tensor, packed: PackedTarget,
               maps: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(B,) bool, all True or all False: whether the batch may change state. Refused when a packed field is
-        invalid (`PackedTargetCheck`) or a logit or map is not finite (every logit enters the loss: a non-finite one
-        makes it non-finite); counted in `invalid_batches` for `raise_if_invalid`."""
+        """0-dim bool: whether the batch may change state. Refused when a packed field is invalid
+        (`PackedTargetCheck`) or a logit or map is not finite (every logit enters the loss, every map the maps' sum: a
+        non-finite one makes its sum non-finite); counted in `invalid_batches` for `raise_if_invalid`."""
         if packed.index is None:
             return None
         finite = (loss,) if maps is None else (loss, maps.sum())
         passes = self.target_check(target, packed.index, *finite)
         self.invalid_batches += ~passes
-        return passes.expand(len(target))
+        return passes
 
     def _batch_rows(self, packed: PackedTarget, warm: bool) -> '_BatchRows':
         """What the read and the write of one call share: each buffer's rows gathered once, the crops' frames and
@@ -272,11 +272,13 @@ class SpatialConsistencyLoss(nn.Module):
 
     @torch.no_grad()
     def _update(self, packed: PackedTarget, logits: torch.Tensor, observed: torch.Tensor, maps: Optional[torch.Tensor],
-                keep: Optional[torch.Tensor], rows: '_BatchRows'):
+                verdict: Optional[torch.Tensor], rows: '_BatchRows'):
+        """Count the samples and write both buffers in one EMA update, when the batch passed (`verdict`, `_keep`)."""
         if packed.index is None:
             self.samples_seen += len(logits) * _world_size()
             return
-        self.samples_seen.add_(keep[0], alpha=len(keep) * _world_size())  # keep: one verdict for the whole batch
+        self.samples_seen.add_(verdict, alpha=len(logits) * _world_size())
+        keep = verdict.expand(len(logits))
         probs = logits.sigmoid()
         updates = []  # both buffers in one EMA update (`write_ema`)
         if self.predictions is not None:
