@@ -39,7 +39,7 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 from tqdm import tqdm
 
-from timm_srn.checkpoint import create_model_from_checkpoint, write_atomic
+from timm_srn.checkpoint import create_model_from_checkpoint, load_checkpoint_file, write_atomic
 from timm_srn.cli import HelpFormatter
 from timm_srn.data import SYNTHETIC_LABEL_NAMES, create_dataset, generate_synthetic_coco, protocol_split
 from timm_srn.evaluation import IndexedDataset, eval_transform, predict, predict_outputs
@@ -267,6 +267,23 @@ def crop_analysis(model: torch.nn.Module, crop_set: CropSet, device: torch.devic
                 crop_accuracy=float(correct.sum() / masks.sum() * 100), crops=len(crop_set))
 
 
+def ema_targets(criterion_state: Dict[str, torch.Tensor], model: torch.nn.Module, train, observed: np.ndarray,
+                device: torch.device) -> Dict[str, float]:
+    """The consistency term's targets at the end of a run: mAP (%) of the stored EMA predictions on the training
+    images' unobserved labels (each class's AP over the written rows where it is unobserved), beside the final model on
+    the same whole images and the stored rows shuffled (what a wrong key would give). Empty without the buffer."""
+    maps_key = next((key for key in criterion_state if key.endswith('predictions.maps')), None)
+    if maps_key is None:
+        return {}
+    stored = criterion_state[maps_key].float().flatten(1)
+    written = criterion_state[maps_key[:-len('maps')] + 'seen'].flatten()
+    scores, targets, _ = _predict(model, IndexedDataset(train), device)
+    unobserved = torch.from_numpy(np.asarray(observed) == 0) & written[:, None]
+    shuffled = stored[torch.randperm(len(stored), generator=torch.Generator().manual_seed(0))]
+    return {f'ema_targets_{name}': float(np.nanmean(average_precision(s, targets, unobserved).numpy()) * 100)
+            for name, s in (('stored', stored), ('model', scores), ('shuffled', shuffled))}
+
+
 def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.device) -> Dict[str, Any]:
     """Test APs (held-out scenes, whole images) of the run's final weights: overall, objects, arrangements and
     each SRN branch; the localisation of the model's maps on the object classes; and, `with_crops`, the crop
@@ -290,9 +307,12 @@ def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.devi
     if by_epoch:  # train.py --measure-localisation: the heatmap buffer and the training crops' maps, per epoch
         result['localisation_by_epoch'] = by_epoch
         result.update({k: v for k, v in by_epoch[-1].items() if not k.endswith('_maps')})
-    if with_crops:
-        train, _, observed, _ = protocol_split(create_dataset('synthetic', str(finetune), split='train'))
+    if with_crops:  # the single-positive runs: their training images and observed labels
+        train, _, observed, _ = protocol_split(create_dataset('synthetic', str(finetune), split='train',
+                                                              transform=transform))
         result.update(crop_analysis(model, cropped_out_set(train, observed, transform), device))
+        result.update(ema_targets(load_checkpoint_file(output / 'last.pth.tar').get('criterion', {}), model, train,
+                                  observed, device))
     return result
 
 

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from timm_srn.checkpoint import create_model_from_checkpoint
+from timm_srn.data import create_dataset, protocol_split
+from timm_srn.evaluation import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -50,7 +55,9 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
                             'localisation'}
     assert spatial['crops'] > 0 and np.isfinite(spatial['mAP']) and 'crop_mAP' not in srn
     assert len(spatial['localisation_by_epoch']) == 1 and 0 <= spatial['buffer_observed'] <= 100
-    assert 'buffer_observed' not in srn
+    assert 'buffer_observed' not in srn and 'ema_targets_stored' not in srn
+    assert all(0 <= spatial[f'ema_targets_{k}'] <= 100 for k in ('stored', 'model', 'shuffled'))
+    _check_ema_targets(tmp_path)
     chance = results['chance']['5x5']  # a random argmax: fewer hits on whole images than in zoomed-in crops
     assert 0 < chance['test'] < 50 and chance['buffer_observed'] < chance['crop_maps_observed'] < 100
     assert srn['fused_minus_y_cls'] == pytest.approx(srn['mAP'] - srn['mAP_y_cls'])
@@ -63,3 +70,23 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     again = paper_claims.main(argv)  # finished runs are reported, not retrained
     assert checkpoint.stat().st_mtime_ns == stamp
     assert again['settings']['spatial']['seeds'][0] == spatial
+
+
+def _check_ema_targets(out):
+    """`ema_targets` scores the stored rows by their training image: rows that hold the true labels score 100 mAP,
+    the same rows shuffled less; rows never written and observed labels are left out."""
+    checkpoint = out / 'runs' / 'spatial' / 'seed0' / 'last.pth.tar'
+    model = create_model_from_checkpoint(checkpoint)
+    transform = eval_transform(model, paper_claims.CONFIG['img_size'])
+    train, _, observed, _ = protocol_split(create_dataset('synthetic', str(out / 'data' / 'finetune'), split='train',
+                                                          transform=transform))
+    truth = torch.as_tensor(np.asarray(train.targets), dtype=torch.float16)
+    stored = torch.where(torch.from_numpy(np.asarray(observed) > 0), 0., truth * 0.9 + 0.05)  # observed: ranked last
+    stored[0] = 1 - truth[0]  # a row never written, wrong everywhere
+    written = torch.ones(len(truth), 1, 1, dtype=torch.bool)
+    written[0] = False
+    state = {'loss.predictions.maps': stored[:, :, None, None], 'loss.predictions.seen': written}
+    scores = paper_claims.ema_targets(state, model, train, observed, torch.device('cpu'))
+    assert scores['ema_targets_stored'] == pytest.approx(100.) and scores['ema_targets_shuffled'] < 90.
+    assert 0 <= scores['ema_targets_model'] <= 100
+    assert paper_claims.ema_targets({'epoch': torch.zeros(())}, model, train, observed, torch.device('cpu')) == {}
