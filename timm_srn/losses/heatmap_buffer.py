@@ -349,13 +349,16 @@ class EmaUpdate(NamedTuple):
 
 @torch.no_grad()
 def write_ema(updates: Sequence[EmaUpdate], momentum: float) -> None:
-    """Apply the `EmaUpdate`s of buffers written with one batch's rows. Those with the same slots and dtype go side by
-    side, as one closed-form update over all their cells (one set of kernels, whatever the number of buffers).
+    """Apply the `EmaUpdate`s of buffers written with one batch's rows (the same indices, in the same order). Those with
+    the same slots and dtype go side by side, as one closed-form update over all their cells (one set of kernels,
+    whatever the number of buffers).
 
     The closed form of the sequential EMA of every row in batch order, per group of rows holding one sample
     (`row_groups`): stored m^n + sum_r c_r m^(later_r) new_r over the n rows whose region covers a cell, c_r = 1 for
     the first write of a never-seen cell and 1 - m otherwise (cells never seen hold 0, so stored m^n is right for them
     too, and n = 0 leaves a cell as it is). Every row of a group writes the same result."""
+    if len({len(update.index) for update in updates}) > 1:
+        raise ValueError(f'write_ema takes the updates of one batch, got {[len(u.index) for u in updates]} rows.')
     alike: Dict[Tuple[int, torch.dtype], List[EmaUpdate]] = {}
     for update in updates:
         alike.setdefault((update.current.shape[1], update.buffer.maps.dtype), []).append(update)
@@ -374,7 +377,7 @@ def write_ema(updates: Sequence[EmaUpdate], momentum: float) -> None:
         # every row of a group gets its group's sum, as one product with the group matrix
         contribution = (order[2] @ contribution.flatten(1)).view_as(contribution)
         updated = torch.addcmul(contribution, powers[2].unsqueeze(1), _side_by_side([u.stored.maps for u in group]))
-        cells = [u.region[0].numel() for u in group]
+        cells = [u.region.shape[1:].numel() for u in group]
         parts = zip(group, updated.to(dtype).split(cells, -1), (seen | (counts[2] > 0)).split(cells, -1))
         for update, maps, update_seen in parts:
             update.buffer.maps[update.index] = maps.unflatten(-1, update.region.shape[1:])
