@@ -267,21 +267,27 @@ def crop_analysis(model: torch.nn.Module, crop_set: CropSet, device: torch.devic
                 crop_accuracy=float(correct.sum() / masks.sum() * 100), crops=len(crop_set))
 
 
-def ema_targets(criterion_state: Dict[str, torch.Tensor], model: torch.nn.Module, train, observed: np.ndarray,
-                device: torch.device) -> Dict[str, float]:
-    """The consistency term's targets at the end of a run: mAP (%) of the stored EMA predictions on the training
-    images' unobserved labels (each class's AP over the written rows where it is unobserved), beside the final model on
-    the same whole images and the stored rows shuffled (what a wrong key would give). Empty without the buffer."""
+def unobserved_labels(criterion_state: Dict[str, torch.Tensor], model: torch.nn.Module, train, observed: np.ndarray,
+                      device: torch.device) -> Dict[str, float]:
+    """How the training images' unobserved labels are ranked at the end of a run, mAP (%) with each class's AP over
+    the images where it is unobserved: by the final model on the whole images ('unobserved_mAP') and, where the
+    criterion keeps EMA predictions (the consistency term's targets), by the stored rows ('ema_targets_mAP') and by
+    those rows shuffled ('ema_targets_shuffled_mAP': what a wrong key would give). Rows never written are left out."""
+    scores, targets, _ = _predict(model, IndexedDataset(train), device)
+    unobserved = torch.from_numpy(np.asarray(observed) == 0)
     maps_key = next((key for key in criterion_state if key.endswith('predictions.maps')), None)
     if maps_key is None:
-        return {}
+        return dict(unobserved_mAP=_mean_ap(scores, targets, unobserved))
     stored = criterion_state[maps_key].float().flatten(1)
-    written = criterion_state[maps_key[:-len('maps')] + 'seen'].flatten()
-    scores, targets, _ = _predict(model, IndexedDataset(train), device)
-    unobserved = torch.from_numpy(np.asarray(observed) == 0) & written[:, None]
+    unobserved &= criterion_state[maps_key[:-len('maps')] + 'seen'].flatten()[:, None]
     shuffled = stored[torch.randperm(len(stored), generator=torch.Generator().manual_seed(0))]
-    return {f'ema_targets_{name}': float(np.nanmean(average_precision(s, targets, unobserved).numpy()) * 100)
-            for name, s in (('stored', stored), ('model', scores), ('shuffled', shuffled))}
+    return dict(unobserved_mAP=_mean_ap(scores, targets, unobserved),
+                ema_targets_mAP=_mean_ap(stored, targets, unobserved),
+                ema_targets_shuffled_mAP=_mean_ap(shuffled, targets, unobserved))
+
+
+def _mean_ap(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(np.nanmean(average_precision(scores, targets, mask).numpy()) * 100)
 
 
 def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.device) -> Dict[str, Any]:
@@ -311,8 +317,8 @@ def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.devi
         train, _, observed, _ = protocol_split(create_dataset('synthetic', str(finetune), split='train',
                                                               transform=transform))
         result.update(crop_analysis(model, cropped_out_set(train, observed, transform), device))
-        result.update(ema_targets(load_checkpoint_file(output / 'last.pth.tar').get('criterion', {}), model, train,
-                                  observed, device))
+        result.update(unobserved_labels(load_checkpoint_file(output / 'last.pth.tar').get('criterion', {}), model,
+                                        train, observed, device))
     return result
 
 

@@ -55,9 +55,9 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
                             'localisation'}
     assert spatial['crops'] > 0 and np.isfinite(spatial['mAP']) and 'crop_mAP' not in srn
     assert len(spatial['localisation_by_epoch']) == 1 and 0 <= spatial['buffer_observed'] <= 100
-    assert 'buffer_observed' not in srn and 'ema_targets_stored' not in srn
-    assert all(0 <= spatial[f'ema_targets_{k}'] <= 100 for k in ('stored', 'model', 'shuffled'))
-    _check_ema_targets(tmp_path)
+    assert 'buffer_observed' not in srn and 'unobserved_mAP' not in srn
+    assert all(0 <= spatial[k] <= 100 for k in ('unobserved_mAP', 'ema_targets_mAP', 'ema_targets_shuffled_mAP'))
+    _check_unobserved_labels(tmp_path)
     chance = results['chance']['5x5']  # a random argmax: fewer hits on whole images than in zoomed-in crops
     assert 0 < chance['test'] < 50 and chance['buffer_observed'] < chance['crop_maps_observed'] < 100
     assert srn['fused_minus_y_cls'] == pytest.approx(srn['mAP'] - srn['mAP_y_cls'])
@@ -72,9 +72,10 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again['settings']['spatial']['seeds'][0] == spatial
 
 
-def _check_ema_targets(out):
-    """`ema_targets` scores the stored rows by their training image: rows that hold the true labels score 100 mAP,
-    the same rows shuffled less; rows never written and observed labels are left out."""
+def _check_unobserved_labels(out):
+    """`unobserved_labels` scores the stored rows by their training image: rows that hold the true labels score 100
+    mAP, the same rows shuffled less; rows never written and observed labels are left out. Without the buffer, the
+    model alone is scored."""
     checkpoint = out / 'runs' / 'spatial' / 'seed0' / 'last.pth.tar'
     model = create_model_from_checkpoint(checkpoint)
     transform = eval_transform(model, paper_claims.CONFIG['img_size'])
@@ -86,7 +87,7 @@ def _check_ema_targets(out):
     written = torch.ones(len(truth), 1, 1, dtype=torch.bool)
     written[0] = False
     state = {'loss.predictions.maps': stored[:, :, None, None], 'loss.predictions.seen': written}
-    scores = paper_claims.ema_targets(state, model, train, observed, torch.device('cpu'))
-    assert scores['ema_targets_stored'] == pytest.approx(100.) and scores['ema_targets_shuffled'] < 90.
-    assert 0 <= scores['ema_targets_model'] <= 100
-    assert paper_claims.ema_targets({'epoch': torch.zeros(())}, model, train, observed, torch.device('cpu')) == {}
+    scores = paper_claims.unobserved_labels(state, model, train, observed, torch.device('cpu'))
+    assert scores['ema_targets_mAP'] == pytest.approx(100.) and scores['ema_targets_shuffled_mAP'] < 90.
+    alone = paper_claims.unobserved_labels({'epoch': torch.zeros(())}, model, train, observed, torch.device('cpu'))
+    assert list(alone) == ['unobserved_mAP'] and 0 <= alone['unobserved_mAP'] <= 100
