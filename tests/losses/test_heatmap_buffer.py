@@ -3,8 +3,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from timm_srn.losses import HeatmapBuffer
-from timm_srn.losses.heatmap_buffer import write_ema
+from timm_srn.losses import HeatmapBuffer, write_ema
 
 FULL = torch.tensor([[0., 0., 1., 1.]])
 
