@@ -231,34 +231,13 @@ class HeatmapBuffer(nn.Module):
     # --- write ---
 
     @torch.no_grad()
-    def write(
-            self,
-            index: torch.Tensor,
-            maps: torch.Tensor,
-            boxes: Optional[torch.Tensor] = None,
-            flips: Optional[torch.Tensor] = None,
-            momentum: float = 0.5,
-            class_scores: Optional[torch.Tensor] = None,
-            positives: Optional[torch.Tensor] = None,
-            keep: Optional[torch.Tensor] = None,
-            groups: Optional[RowGroups] = None,
-            frames: Optional[CropFrames] = None,
-            stored: Optional[StoredRows] = None,
-    ) -> None:
+    def write(self, index: torch.Tensor, maps: torch.Tensor, boxes: Optional[torch.Tensor] = None,
+              flips: Optional[torch.Tensor] = None, momentum: float = 0.5, **options) -> None:
         """EMA-update the buffer with crop maps (B, C, h, w): stored = momentum * stored + (1 - momentum) * new
-        inside each crop box; cells seen for the first time take the new value. Rows with `keep` False write
-        nothing; without `keep`, rows with non-finite maps write nothing and are counted in `skipped_rows`.
-        `class_scores` / `positives` (B, C) choose a sample's classes in top-k mode at its first write (default
-        scores: the maps' spatial mean). `boxes` / `flips` None: the maps cover the whole unflipped image.
-
-        `keep` (B,) bool: the caller has validated the rows (finite maps included) on the device and keeps these (as
-        `SpatialConsistencyLoss` does), giving refused rows an index inside the buffer: the call then runs no check
-        and no host synchronisation. Without it, `validate` runs. Repeated samples are applied in batch order,
-        computed in closed form (no loop over repeats). `groups`, `frames`, `stored`: the batch's `row_groups`,
-        `crop_frames` and `gather` (before any write), when the caller has them already. Buffers written with one
-        batch's rows can share one update: `write_ema` of their `prepare_write`s."""
-        write_ema([self.prepare_write(index, maps, boxes, flips, class_scores, positives, keep, groups, frames,
-                                      stored)], momentum)
+        inside each crop box; cells seen for the first time take the new value. `boxes` / `flips` None: the maps
+        cover the whole unflipped image. `options`: those of `prepare_write` (`write` is `write_ema` of one
+        `prepare_write`; buffers written with one batch's rows can share one update that way)."""
+        write_ema([self.prepare_write(index, maps, boxes, flips, **options)], momentum)
 
     @torch.no_grad()
     def prepare_write(
@@ -274,8 +253,17 @@ class HeatmapBuffer(nn.Module):
             frames: Optional[CropFrames] = None,
             stored: Optional[StoredRows] = None,
     ) -> 'EmaUpdate':
-        """The `EmaUpdate` of `write` (its arguments, less the momentum). It changes nothing yet but the top-k class
-        sets of samples written for the first time and the `skipped_rows` count."""
+        """The `EmaUpdate` of `write` (its arguments, less the momentum), applied by `write_ema`. It changes nothing
+        but the top-k class sets of samples written for the first time and the `skipped_rows` count.
+
+        Rows with `keep` False write nothing; without `keep`, rows with non-finite maps write nothing and are counted
+        in `skipped_rows`. `class_scores` / `positives` (B, C) choose a sample's classes in top-k mode at its first
+        write (default scores: the maps' spatial mean). `keep` (B,) bool: the caller has validated the rows (finite
+        maps included) on the device and keeps these (as `SpatialConsistencyLoss` does), giving refused rows an index
+        inside the buffer: the call then runs no check and no host synchronisation. Without it, `validate` runs.
+        Repeated samples are applied in batch order, computed in closed form (no loop over repeats). `groups`,
+        `frames`, `stored`: the batch's `row_groups`, `crop_frames` and `gather` (before any write), when the caller
+        has them already."""
         if keep is None:
             self.validate(index, *self._frame(index, boxes, flips), maps)
         gathered = self._gather(index, maps, boxes, flips, class_scores, positives, keep)
