@@ -326,8 +326,9 @@ def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.devi
 
 SINGLE_POSITIVE_METRICS = ('mAP', 'mAP_relations', 'mAP_objects', 'localisation', 'crop_mAP', 'crop_accuracy')
 BUFFER_METRICS = ('buffer_observed', 'buffer_other', 'crop_maps_observed', 'crop_maps_other')
+TARGET_METRICS = ('unobserved_mAP', 'ema_targets_mAP', 'ema_targets_shuffled_mAP')  # `unobserved_labels`
 METRICS = ('mAP', 'mAP_relations', 'mAP_objects', 'mAP_y_cls', 'mAP_y_att', 'mAP_y_sr', 'fused_minus_y_cls',
-           'localisation', 'crop_mAP', 'crop_accuracy', *BUFFER_METRICS)
+           'localisation', 'crop_mAP', 'crop_accuracy', *BUFFER_METRICS, *TARGET_METRICS)
 
 
 def aggregate(runs: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Any]:
@@ -423,15 +424,12 @@ def findings(settings: Dict[str, Any]) -> List[str]:
 def buffer_tables(settings: Dict[str, Any], header: Dict[str, str], chance: Dict[str, Dict[str, float]]) -> List[str]:
     """Where the spatial runs' maps point (train.py --measure-localisation): the final epoch per setting beside the
     chance levels, and epoch by epoch (mean over seeds) for the settings that ran it."""
-    names = [n for n, s in settings.items() if any(m in s['metrics'] for m in BUFFER_METRICS)]
+    names, lines = _metric_table(settings, header, BUFFER_METRICS, (
+        '**Where the stored heatmaps and the training crops\' maps point** (share % whose argmax lies in a box of '
+        'their class; buffer: whole-image frame, after the epoch; crop maps: the maps the criterion compared, in each '
+        'training crop, classes with at least half their box in view)'))
     if not names:
         return []
-    lines = ['**Where the stored heatmaps and the training crops\' maps point** (share % whose argmax lies in a box of '
-             'their class; buffer: whole-image frame, after the epoch; crop maps: the maps the criterion compared, '
-             'in each training crop, classes with at least half their box in view)', '',
-             '| setting | ' + ' | '.join(header[m] for m in BUFFER_METRICS) + ' |', '|---|' + '---|' * len(BUFFER_METRICS)]
-    lines += [f'| {_setting_label(n, settings[n])} | ' + ' | '.join(_cell(settings[n]['metrics'], m)
-                                                                 for m in BUFFER_METRICS) + ' |' for n in names]
     for buffer, maps in (('7x7', '5x5'), ('10x10', '10x10')):  # the default buffer and maps; the 10x10 setting's
         if buffer in chance and maps in chance:
             cells = [f"{chance[buffer if m.startswith('buffer') else maps][m]:.2f}" for m in BUFFER_METRICS]
@@ -444,6 +442,24 @@ def buffer_tables(settings: Dict[str, Any], header: Dict[str, str], chance: Dict
             cells = [f"{statistics.fmean(run[epoch].get(m, float('nan')) for run in runs):.1f}" for m in BUFFER_METRICS]
             lines.append(f'| {_setting_label(name, settings[name])} | {epoch} | ' + ' | '.join(cells) + ' |')
     return lines + ['']
+
+
+def target_table(settings: Dict[str, Any], header: Dict[str, str]) -> List[str]:
+    """How the training images' unobserved labels are ranked at the end (`unobserved_labels`), for the settings whose
+    runs measured it."""
+    names, lines = _metric_table(settings, header, TARGET_METRICS, (
+        '**What the consistency term\'s targets hold** (mAP % on the training images\' unobserved labels, at the end: '
+        'the final model on whole images; the stored EMA predictions; the same rows shuffled)'))
+    return lines + [''] if names else []
+
+
+def _metric_table(settings: Dict[str, Any], header: Dict[str, str], metrics: Sequence[str],
+                  title: str) -> Tuple[List[str], List[str]]:
+    """(the settings that measured any of `metrics`, their table under `title`: mean ± std per metric)."""
+    names = [n for n, s in settings.items() if any(m in s['metrics'] for m in metrics)]
+    lines = [title, '', '| setting | ' + ' | '.join(header[m] for m in metrics) + ' |', '|---|' + '---|' * len(metrics)]
+    return names, lines + [f'| {_setting_label(n, settings[n])} | ' +
+                           ' | '.join(_cell(settings[n]['metrics'], m) for m in metrics) + ' |' for n in names]
 
 
 def markdown(results: Dict[str, Any]) -> str:
@@ -469,7 +485,9 @@ def markdown(results: Dict[str, Any]) -> str:
               'mAP_y_cls': 'y_cls', 'mAP_y_att': 'y_att', 'mAP_y_sr': 'y_sr', 'fused_minus_y_cls': 'fused − y_cls',
               'localisation': 'localisation (%)', 'crop_mAP': 'cropped-out: mAP', 'crop_accuracy': 'cropped-out: accuracy',
               'buffer_observed': 'buffer: observed positive', 'buffer_other': 'buffer: other present',
-              'crop_maps_observed': 'crop maps: observed positive', 'crop_maps_other': 'crop maps: other present'}
+              'crop_maps_observed': 'crop maps: observed positive', 'crop_maps_other': 'crop maps: other present',
+              'unobserved_mAP': 'final model', 'ema_targets_mAP': 'EMA targets',
+              'ema_targets_shuffled_mAP': 'EMA targets, rows shuffled'}
     for group, title, metrics in groups:
         names = [n for n, s in settings.items() if s['group'] == group]
         if group == 'single positive' and 'full' in settings:
@@ -495,6 +513,7 @@ def markdown(results: Dict[str, Any]) -> str:
             f"{chance[f'{n}x{n}']['test']:.1f}% at {n}x{n}" for n in CHANCE_SIZES) + ' (plain class maps are 5x5 at '
             '160 px, 10x10 with output stride 16; SRN\'s attention is 10x10).', '']
     lines += buffer_tables(settings, header, chance)
+    lines += target_table(settings, header)
     lines += findings(settings)
     lines.append(f"Cropped-out: each protocol training image under {cfg['crops_per_image']} fixed RandomResizedCrops; "
                  f"kept where less than {cfg['cropped_out_below']:.0%} of the observed positive's box stays in view. "

@@ -65,6 +65,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / 'pretrained' / 'tf_efficientnet_lite0_in1k.safetensors').exists()
     for name in ('paper_claims.json', 'paper_claims.md', 'paper_claims.png'):
         assert (tmp_path / name).stat().st_size > 0
+    assert "What the consistency term's targets hold" in (tmp_path / 'paper_claims.md').read_text()
     checkpoint = tmp_path / 'runs' / 'spatial' / 'seed0' / 'last.pth.tar'
     stamp = checkpoint.stat().st_mtime_ns
     again = paper_claims.main(argv)  # finished runs are reported, not retrained
