@@ -72,6 +72,7 @@ class Setting(NamedTuple):
     loss_kwargs: Dict[str, Any] = {}
     backbone_kwargs: Dict[str, Any] = {}
     train_args: Tuple[str, ...] = ()
+    img_size: Optional[int] = None  # train and test input size; None: CONFIG's
 
 
 SETTINGS: Dict[str, Setting] = {
@@ -88,6 +89,11 @@ SETTINGS: Dict[str, Setting] = {
     'spatial momentum 0.9': Setting('ablation', 'plain', 'spatial', dict(momentum=0.9)),
     'spatial 10x10 maps': Setting('ablation', 'plain', 'spatial', dict(heatmap_size=[10, 10]),
                                   backbone_kwargs=dict(output_stride=16)),
+    # the paper's 14x14 class maps: 224 px at output stride 16, against consistency on the same input and backbone
+    'spatial 14x14 maps': Setting('ablation', 'plain', 'spatial', dict(heatmap_size=[14, 14]),
+                                  backbone_kwargs=dict(output_stride=16), img_size=224),
+    'consistency 224 px': Setting('ablation', 'plain', 'consistency', backbone_kwargs=dict(output_stride=16),
+                                  img_size=224),
     'spatial warm-up 3': Setting('ablation', 'plain', 'spatial', dict(warmup_epochs=3)),
     # the consistency term's own warm-up: spatial warm-up 3 − this isolates the spatial term at the later start
     'consistency warm-up 3': Setting('ablation', 'plain', 'consistency', dict(warmup_epochs=3)),
@@ -127,7 +133,7 @@ def train_argv(data: Path, output: Path, seed: int, setting: Setting, weights: P
     """train.py's arguments for one run: the plain backbone or SRN on it (train.py's default SRN recipe), both
     initialised from the ImageNet weights file with --backbone-file."""
     argv = ['--dataset', 'synthetic', '--data-dir', str(data), '--output', str(output), '--seed', str(seed),
-            '--img-size', str(CONFIG['img_size']), '--scale', *map(str, CONFIG['scale']),
+            '--img-size', str(setting.img_size or CONFIG['img_size']), '--scale', *map(str, CONFIG['scale']),
             '--hflip', str(CONFIG['hflip']), '--epochs', str(CONFIG['epochs']), '--batch-size',
             str(CONFIG['batch_size']), '--lr', str(CONFIG['lr']), '--num-viz', '0', '--loss', setting.loss,
             '--device', args.device, '--workers', str(args.workers), '--backbone-file', str(weights),
@@ -290,12 +296,13 @@ def _mean_ap(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) ->
     return float(np.nanmean(average_precision(scores, targets, mask).numpy()) * 100)
 
 
-def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.device) -> Dict[str, Any]:
+def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.device,
+              img_size: int = CONFIG['img_size']) -> Dict[str, Any]:
     """Test APs (held-out scenes, whole images) of the run's final weights: overall, objects, arrangements and
     each SRN branch; the localisation of the model's maps on the object classes; and, `with_crops`, the crop
     analysis on the protocol's training images (the 80% every single-positive run trains on)."""
     model = create_model_from_checkpoint(output / 'last.pth.tar').to(device)
-    transform = eval_transform(model, CONFIG['img_size'])
+    transform = eval_transform(model, img_size)
     test = create_dataset('synthetic', str(finetune), split='validation', transform=transform)
     aps = branch_aps(model, test, device)
     names = list(test.label_names)
@@ -673,7 +680,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             output = out / 'runs' / _slug(name) / f'seed{seed}'
             run_training(train_argv(finetune, output, seed, setting, weights, args), output)
             with_crops = setting.model == 'plain' or setting.loss != 'bce'  # the crop analysis: single-positive runs
-            _write_json(output / 'result.json', score_run(output, finetune, with_crops, device))
+            result = score_run(output, finetune, with_crops, device, setting.img_size or CONFIG['img_size'])
+            _write_json(output / 'result.json', result)
             _write_json(timing_file, dict(minutes=spent + (time.time() - started) / 60, device=device_name(device)))
     runs = {}
     for name in SETTINGS:
