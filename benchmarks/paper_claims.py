@@ -241,7 +241,16 @@ def cropped_out_set(train, observed: np.ndarray, transform) -> CropSet:
     return CropSet(train, crops, np.stack(targets), np.stack(masks), transform)
 
 
-CHANCE_SIZES = (5, 7, 10)  # class maps at 160 px (stride 32), the default buffer, stride-16 maps / SRN's tap
+CHANCE_SIZES = (5, 7, 10, 14)  # maps at 160 px (stride 32), the default buffer, stride 16 / SRN's tap, 224 px at 16
+
+
+def _map_sizes(setting: Dict[str, Any]) -> Tuple[str, str]:
+    """('HxW' of a spatial run's buffer, of the maps it compares in each crop): the buffer's `heatmap_size`, and the
+    class maps at the run's input size and output stride (SRN's attention: stride 16)."""
+    buffer = setting['loss_kwargs'].get('heatmap_size', [7, 7])
+    stride = 16 if setting['model'] == 'srn' else setting['backbone_kwargs'].get('output_stride', 32)
+    maps = (setting.get('img_size') or CONFIG['img_size']) // stride
+    return f'{buffer[0]}x{buffer[1]}', f'{maps}x{maps}'
 
 
 def chance_levels(finetune: Path) -> Dict[str, Dict[str, float]]:
@@ -350,7 +359,8 @@ def aggregate(runs: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, Any]:
         setting = SETTINGS[name]
         settings[name] = dict(group=setting.group, model=setting.model, loss=setting.loss,
                               loss_kwargs=setting.loss_kwargs, backbone_kwargs=setting.backbone_kwargs,
-                              train_args=list(setting.train_args), metrics=stats, seeds=seeds)
+                              train_args=list(setting.train_args), img_size=setting.img_size, metrics=stats,
+                              seeds=seeds)
     return settings
 
 
@@ -367,7 +377,8 @@ def _setting_label(name: str, setting: Dict[str, Any]) -> str:
         return f"SRN ({' '.join(setting['train_args']) or 'train.py default: stage 4, BCE(y) + BCE(y_att)'})"
     if name == 'full':
         return 'plain backbone, full labels'
-    kwargs = ' '.join(f'{k}={v}' for k, v in {**setting['loss_kwargs'], **setting['backbone_kwargs']}.items())
+    kwargs = ' '.join([f'{k}={v}' for k, v in {**setting['loss_kwargs'], **setting['backbone_kwargs']}.items()] +
+                      ([f"{setting['img_size']} px"] if setting.get('img_size') else []))
     return ('SRN, ' if srn else '') + f"`{setting['loss']}`" + (f' ({kwargs})' if kwargs else '')
 
 
@@ -410,6 +421,8 @@ def findings(settings: Dict[str, Any]) -> List[str]:
             ('`spatial` − `consistency`, both at warm-up 3 (the spatial term at a later start)', 'spatial warm-up 3',
              'consistency warm-up 3', ('mAP', 'crop_mAP')),
             ('`consistency` warm-up 3 − `an`', 'consistency warm-up 3', 'an', ('mAP', 'crop_mAP')),
+            ('`spatial` − `consistency`, both at 224 px with output stride 16 (the paper\'s 14x14 class maps)',
+             'spatial 14x14 maps', 'consistency 224 px', ('mAP', 'crop_mAP')),
             ('SRN: `consistency` warm-up 3 − `an`', 'srn consistency warm-up 3', 'srn an', ('mAP', 'crop_mAP')),
             ('SRN: `an` − plain `an` (SRN\'s recipe under one positive label)', 'srn an', 'an', ('mAP', 'crop_mAP')),
             ('SRN: `spatial` on its attention − `consistency`, both at warm-up 3', 'srn spatial attention warm-up 3',
@@ -437,7 +450,8 @@ def buffer_tables(settings: Dict[str, Any], header: Dict[str, str], chance: Dict
         'training crop, classes with at least half their box in view)'))
     if not names:
         return []
-    for buffer, maps in (('7x7', '5x5'), ('10x10', '10x10')):  # the default buffer and maps; the 10x10 setting's
+    pairs = sorted({_map_sizes(settings[n]) for n in names}, key=lambda sizes: int(sizes[0].split('x')[0]))
+    for buffer, maps in pairs:  # the buffer and crop-map sizes of the settings shown
         if buffer in chance and maps in chance:
             cells = [f"{chance[buffer if m.startswith('buffer') else maps][m]:.2f}" for m in BUFFER_METRICS]
             lines.append(f'| chance: a random argmax ({buffer} buffer, {maps} crop maps) | ' + ' | '.join(cells) + ' |')
@@ -517,8 +531,9 @@ def markdown(results: Dict[str, Any]) -> str:
     chance = results.get('chance', {})
     if chance:
         lines += ['Localisation by chance (a uniformly random argmax) on the test scenes\' object labels: ' + ', '.join(
-            f"{chance[f'{n}x{n}']['test']:.1f}% at {n}x{n}" for n in CHANCE_SIZES) + ' (plain class maps are 5x5 at '
-            '160 px, 10x10 with output stride 16; SRN\'s attention is 10x10).', '']
+            f"{chance[f'{n}x{n}']['test']:.1f}% at {n}x{n}" for n in CHANCE_SIZES if f'{n}x{n}' in chance) +
+            ' (plain class maps are 5x5 at 160 px, 10x10 with output stride 16, 14x14 at 224 px with output stride 16; '
+            'SRN\'s attention is 10x10).', '']
     lines += buffer_tables(settings, header, chance)
     lines += target_table(settings, header)
     lines += findings(settings)
@@ -592,8 +607,7 @@ def plot_localisation(results: Dict[str, Any], path: Path) -> bool:
             highest = max(highest, *values)
             ax.plot(epochs, values, marker='o', color=colour, label=name)
             ax.set_xticks(list(epochs))
-            size = (setting['backbone_kwargs'].get('output_stride') == 16 and '10x10' or
-                    ('7x7' if metric.startswith('buffer') else '5x5'))
+            size = _map_sizes(setting)[0 if metric.startswith('buffer') else 1]
             if size in chance:
                 ax.axhline(chance[size][metric], color=colour, linestyle='--', linewidth=1)
         ax.set_title(metric.replace('_', ' ').replace('crop maps', 'crop maps:').replace('buffer ', 'buffer: '),

@@ -27,18 +27,24 @@ def test_readme_block_is_the_rendering_of_the_committed_results():
 
 def test_study_backbone_map_sizes():
     """At the study's input size (160): the plain model's class maps are 5x5 (10x10 with output stride 16) and
-    SRN's attention tap is 10x10 (14x14 at 224, as in the paper)."""
+    SRN's attention tap is 10x10 (14x14 at 224, as in the paper), and the 224 px settings' maps are 14x14."""
     import timm
     import torch
     from timm_srn.models.class_maps import class_activation_maps
     cfg = paper_claims.CONFIG
     size = (cfg['img_size'], cfg['img_size'])
     x = torch.randn(1, 3, *size)
-    for output_stride, maps in ((32, (5, 5)), (16, (10, 10))):
+    for output_stride, img_size, maps in ((32, size, (5, 5)), (16, size, (10, 10)), (16, (224, 224), (14, 14))):
         plain = timm.create_model(cfg['backbone'], num_classes=10, output_stride=output_stride).eval()
-        assert class_activation_maps(plain, plain.forward_features(x), size, plain.forward_head).shape[-2:] == maps
+        features = plain.forward_features(torch.randn(1, 3, *img_size))
+        assert class_activation_maps(plain, features, img_size, plain.forward_head).shape[-2:] == maps
     srn = timm.create_model('srn', backbone=cfg['backbone'], num_classes=10, img_size=cfg['img_size']).eval()
     assert srn.forward_branches(x).attention.shape[-2:] == (10, 10)
+    reported = paper_claims.aggregate({name: {0: {}} for name in paper_claims.SETTINGS})  # as the report reads them
+    assert paper_claims._map_sizes(reported['spatial']) == ('7x7', '5x5')
+    assert paper_claims._map_sizes(reported['spatial 10x10 maps']) == ('10x10', '10x10')
+    assert paper_claims._map_sizes(reported['spatial 14x14 maps']) == ('14x14', '14x14')
+    assert paper_claims._map_sizes(reported['srn spatial attention warm-up 3']) == ('10x10', '10x10')
 
 
 @pytest.mark.slow
