@@ -18,10 +18,11 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 import paper_claims  # noqa: E402
 
 
-def test_readme_block_is_the_rendering_of_the_committed_results():
-    results = json.loads((paper_claims.RESULTS_DIR / 'paper_claims.json').read_text())
-    assert paper_claims.readme_block(ROOT / 'README.md') == paper_claims.markdown(results)
-    assert (paper_claims.RESULTS_DIR / 'paper_claims.md').read_text() == paper_claims.markdown(results)
+@pytest.mark.parametrize('name', ['paper_claims'])
+def test_readme_block_is_the_rendering_of_the_committed_results(name):
+    results = json.loads((paper_claims.RESULTS_DIR / f'{name}.json').read_text())
+    assert paper_claims.readme_block(ROOT / 'README.md', name) == paper_claims.markdown(results)
+    assert (paper_claims.RESULTS_DIR / f'{name}.md').read_text() == paper_claims.markdown(results)
     assert all(len(s['seeds']) == 3 for s in results['settings'].values())
 
 
@@ -60,6 +61,7 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert set(spatial) >= {'mAP', 'mAP_relations', 'mAP_objects', 'crop_mAP', 'crop_accuracy', 'crops', 'AP',
                             'localisation'}
     assert spatial['crops'] > 0 and np.isfinite(spatial['mAP']) and 'crop_mAP' not in srn
+    assert spatial['memory_format'] == 'channels_last' and results['config']['memory_formats'] == ['channels_last']
     assert len(spatial['localisation_by_epoch']) == 1 and 0 <= spatial['buffer_observed'] <= 100
     assert 'buffer_observed' not in srn and 'unobserved_mAP' not in srn
     assert all(0 <= spatial[k] <= 100 for k in ('unobserved_mAP', 'ema_targets_mAP', 'ema_targets_shuffled_mAP'))
