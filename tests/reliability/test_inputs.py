@@ -101,8 +101,8 @@ def _state(criterion):
     return {k: v.clone() for k, v in criterion.state_dict().items()}
 
 
-@pytest.mark.parametrize('case', ['bad_box', 'empty_box', 'mis_shaped_maps', 'index_outside', 'nan_logits',
-                                  'inf_maps'])
+@pytest.mark.parametrize('case', ['bad_box', 'empty_box', 'sliver_box', 'mis_shaped_maps', 'index_outside',
+                                  'nan_logits', 'inf_maps'])
 def test_a_bad_batch_changes_no_state_and_is_reported_even_during_warmup(case):
     """Shapes raise at the call; values are found on the device (no host sync in the step): the batch changes no
     state and `raise_if_invalid` (train.py calls it after every step) names the row."""
@@ -117,6 +117,9 @@ def test_a_bad_batch_changes_no_state_and_is_reported_even_during_warmup(case):
         error, message = ValueError, 'row 1: crop box'
     elif case == 'empty_box':
         target = torch.cat([_target(2), _target(3, (0.3, 0.2, 0.3, 0.9))])  # zero width
+        error, message = ValueError, 'row 1: crop box'
+    elif case == 'sliver_box':  # a subnormal width: refused on the device and named on the host alike
+        target = torch.cat([_target(2), _target(3, (0., 0.2, 1e-39, 0.9))])
         error, message = ValueError, 'row 1: crop box'
     elif case == 'mis_shaped_maps':
         criterion._source = _FixedMaps(torch.rand(2, C + 1, 3, 3))

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 
 __all__ = [
     'PackedTarget', 'pack_target', 'unpack_target', 'check_target_shape', 'unpack_observed', 'check_observed', 'PackedTargetCheck',
-    'invalid_box_rows', 'NUM_PACKED_FIELDS', 'FULL_BOX']
+    'invalid_box_rows', 'NUM_PACKED_FIELDS', 'FULL_BOX', 'MIN_BOX_SIDE']
 
 NUM_PACKED_FIELDS = 7
 FULL_BOX = (0., 0., 1., 1.)
 _INDEX_BASE = 2 ** 16
+MIN_BOX_SIDE = torch.finfo(torch.float32).tiny  # a narrower crop (a subnormal width) scales its maps to infinity
 
 
 class PackedTarget(NamedTuple):
@@ -47,9 +48,10 @@ def pack_target(
 
 
 def invalid_box_rows(boxes: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: boxes that are not finite, outside [0, 1] or empty (x1 <= x0 or y1 <= y0)."""
+    """(B,) bool: float32 boxes that are not finite, outside [0, 1] or narrower than `MIN_BOX_SIDE` (x1 - x0 or
+    y1 - y0; empty boxes included). `PackedTargetCheck` applies the same bounds on the device."""
     outside = ~torch.isfinite(boxes).all(1) | ((boxes < 0) | (boxes > 1)).any(1)
-    return outside | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    return outside | ((boxes[:, 2:] - boxes[:, :2]) < MIN_BOX_SIDE).any(1)
 
 
 def _first_row(bad: torch.Tensor) -> int:
@@ -76,7 +78,7 @@ def _check_packed_fields(extra: torch.Tensor) -> None:
         row = _first_row(bad_box)
         raise ValueError(
             f'Packed target row {row}: crop box {boxes[row].tolist()} must be finite, lie in [0, 1] and have '
-            f'x1 > x0 and y1 > y0.')
+            f'x1 - x0 and y1 - y0 of at least {MIN_BOX_SIDE:.3g}.')
     row = _first_row(bad_flip)
     raise ValueError(f'Packed target row {row}: flip field is {flips[row].item()}, expected 0 or 1.')
 
@@ -147,7 +149,8 @@ class PackedTargetCheck(nn.Module):
     `num_samples`, flips of 0 / 1, boxes in [0, 1] (with positive widths when `geometry`: the caller reads them) and
     finite sums of what enters the step (the loss, the maps). One table of bounds serves every column, the widths and the sums
     included: the batch passes when rounding its integer columns and clamping every column to its bounds changes
-    nothing (NaN never compares equal, an infinite sum is clamped to the largest float, a zero width to the smallest).
+    nothing (NaN never compares equal, an infinite sum is clamped to the largest float, a width to `MIN_BOX_SIDE`,
+    the bound of `invalid_box_rows`).
     A handful of kernels, whatever the batch; `check_observed` names the row."""
 
     def __init__(self, num_classes: int, num_samples: int, geometry: bool = True, num_sums: int = 1):
@@ -159,9 +162,9 @@ class PackedTargetCheck(nn.Module):
             upper[num_classes + 1] = num_samples - 1.
         lower = [0.] * len(upper)
         widths = 2 if geometry else 0
-        largest, smallest = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
+        largest = torch.finfo(torch.float32).max
         upper += [1.] * widths + [largest] * num_sums
-        lower += [smallest] * widths + [-largest] * num_sums
+        lower += [MIN_BOX_SIDE] * widths + [-largest] * num_sums
         integer = [True] * (num_classes + 2) + [False] * 4 + [True] + [False] * (widths + num_sums)
         self.register_buffer('lower', torch.tensor(lower), persistent=False)
         self.register_buffer('upper', torch.tensor(upper), persistent=False)

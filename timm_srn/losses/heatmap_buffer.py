@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.task.evaluator import _gather_rows
 
-from ..data.targets import FULL_BOX, invalid_box_rows
+from ..data.targets import FULL_BOX, MIN_BOX_SIDE, invalid_box_rows
 
 __all__ = ['CropFrames', 'EmaUpdate', 'HeatmapBuffer', 'RowGroups', 'StoredRows', 'crop_frames', 'crop_to_frame_grid',
            'frame_to_crop_grid', 'row_groups', 'write_ema']
@@ -174,7 +174,8 @@ class HeatmapBuffer(nn.Module):
                 f'Sample index {int(index[row])} at batch row {row} is outside the buffer [0, {self.num_samples}).')
         row = int(bad_box.nonzero()[0])
         raise ValueError(
-            f'Crop box {boxes[row].tolist()} at batch row {row} must be finite, lie in [0, 1] with x1 > x0 and y1 > y0.')
+            f'Crop box {boxes[row].tolist()} at batch row {row} must be finite, lie in [0, 1] with x1 - x0 and y1 - y0 '
+            f'of at least {MIN_BOX_SIDE:.3g}.')
 
     # --- read ---
 
