@@ -20,8 +20,9 @@ import sys
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
-from timm.task.evaluator import _average_precision, _gather_rows
+from timm.task.evaluator import _average_precision
+
+from .distributed import all_gather_rows, world_size
 
 __all__ = ['multilabel_metrics', 'average_precision', 'MultilabelMetricAccumulator', 'METRIC_PRESETS']
 
@@ -164,13 +165,11 @@ class MultilabelMetricAccumulator:
         """(scores, targets, masks) of the whole set: across ranks, one row per dataset index, in dataset order."""
         scores, targets, masks = torch.cat(self.scores), torch.cat(self.targets), torch.cat(self.masks)
         index = torch.cat(self.indices) if self.indices else None
-        if distributed and dist.is_initialized():
+        if distributed and world_size() > 1:  # on `device`: the backend's (nccl: the GPU)
             device = device or torch.device('cpu')
-            scores = _gather_rows(scores, device)
-            targets = _gather_rows(targets.to(torch.uint8), device).bool()
-            masks = _gather_rows(masks.to(torch.uint8), device).bool()
-            if index is not None:
-                index = _gather_rows(index[:, None], device)[:, 0]
+            known = [t.to(device) for t in (scores, targets, masks, index) if t is not None]
+            scores, targets, masks, *known = (t.cpu() for t in all_gather_rows(*known))
+            index = known[0] if index is not None else None
         if index is not None:  # one row per dataset index, in dataset order
             order = torch.argsort(index, stable=True)
             index, scores, targets, masks = index[order], scores[order], targets[order], masks[order]

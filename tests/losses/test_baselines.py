@@ -72,6 +72,16 @@ def test_ll_r_ct_cp_follow_large_loss_matters():
     assert rejecting(logits2, target2).item() == pytest.approx(kept / 6, rel=1e-6)
 
 
+def test_ll_cp_keeps_the_flips_of_every_row_of_a_repeated_sample():
+    """A sample twice in one batch (--aug-repeats, sampler padding): each row's flips are kept, not the last row's."""
+    loss = LargeLossLoss('correct_permanent', delta_rel=50., num_samples=2, num_classes=3)
+    loss.set_epoch(1)  # k = ceil(6 x 0.5) = 3: the three largest unobserved losses; flipped: those above the 3rd
+    logits = torch.tensor([[2., 5., -1.], [2., 0., 4.]])  # unobserved losses: 5.0, 0.3 | 0.7, 4.0
+    target = torch.stack([pack_target(LABELS[0], 1)] * 2)
+    loss(logits, target)
+    assert loss.flipped[1].tolist() == [False, True, True] and not loss.flipped[0].any()
+
+
 def test_ll_rate_accumulates_like_the_reference():
     """LargeLossMatters lowers its clean rate by delta_rel / 100 after each epoch by float subtraction: at epoch 5
     with delta_rel 0.5 the rate is 0.025000000000000022, so ceil(16 * 80 * rate) = 33 entries (32 by the exact

@@ -14,6 +14,9 @@ Every loss is averaged over batch x classes.
   initialised at 0.995 / uniform in [0.4, 0.6]); loss 0.5 (positives of model and estimates) + 0.5 (BCE of the model
   against the detached estimates + BCE of the estimates against the detached model) + 0.5 (EPR of both). The
   estimates train at `lr_multiplier` (10) times the model's learning rate (train.py applies it).
+- Under torch.distributed the per-sample state is the same on every rank: ROLE computes its estimates' half of the
+  loss on every rank's rows (rank 0's random start), LL-Cp applies every rank's flips, EM+APL pseudo-labels from
+  predictions gathered over the whole training set. LL's k counts the entries of a rank's batch.
 - Numerics: Cole et al. compute -log(p + 1e-5) on probabilities; these losses use exact log-sigmoid of the logits
   (the same values up to that 1e-5 offset).
 - LL-R / LL-Ct / LL-Cp (Kim et al. 2022): AN, where the unobserved labels with the largest losses in the batch
@@ -28,10 +31,12 @@ import math
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.targets import check_observed, unpack_observed
+from ..distributed import all_gather_rows, world_size
 
 __all__ = [
     'AssumeNegativeLoss', 'WeakAssumeNegativeLoss', 'ExpectedPositiveLoss', 'RoleLoss', 'LargeLossLoss',
@@ -126,24 +131,37 @@ class RoleLoss(_SinglePositiveLoss):
         self.num_samples = num_samples
         self.label_logits = nn.Parameter(spread * (2 * torch.rand(num_samples, num_classes) - 1))
         self.register_buffer('initialised', torch.zeros(num_samples, dtype=torch.bool))
+        self._shared = False  # the estimates are rank 0's on every rank (set by the first call)
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The model's half of the loss on this rank's rows and the estimates' half on every rank's rows
+        (`all_gather_rows`; the same rows outside torch.distributed), so that under DDP every rank computes the same
+        estimate gradients and holds the same estimates, as DDP keeps the model alike."""
         labels, index = self._labels(output, target)
-        observed = labels > 0.5
-        fresh = ~self.initialised[index]
-        if fresh.any():
-            with torch.no_grad():
-                rows = self.label_logits[index[fresh]]
-                rows[observed[fresh]] = math.log(0.995 / 0.005)
-                self.label_logits[index[fresh]] = rows
-                self.initialised[index[fresh]] = True
-        estimate_logits = self.label_logits[index].float()
         logits = output.float()
-        positives = (F.softplus(-logits) + F.softplus(-estimate_logits)) * observed
-        cross = _bce(logits, estimate_logits.sigmoid().detach()) + _bce(estimate_logits, logits.sigmoid().detach())
+        observed = labels > 0.5
+        all_index, all_observed, all_probs = all_gather_rows(index, observed, logits.detach().sigmoid())
+        self._initialise(all_index, all_observed)
+        estimate_logits = self.label_logits[all_index].float()
+        model_half = F.softplus(-logits) * observed + _bce(logits, self.label_logits[index].detach().float().sigmoid())
+        estimates_half = F.softplus(-estimate_logits) * all_observed + _bce(estimate_logits, all_probs)
         regulariser = _epr(logits.sigmoid(), self.expected_positives) + \
             _epr(estimate_logits.sigmoid(), self.expected_positives)
-        return 0.5 * (positives + cross).mean() + 0.5 * regulariser
+        return 0.5 * (model_half.mean() + estimates_half.mean()) + 0.5 * regulariser
+
+    @torch.no_grad()
+    def _initialise(self, index: torch.Tensor, observed: torch.Tensor) -> None:
+        """Observed positives of samples seen for the first time start at 0.995. Under torch.distributed the first
+        call first gives every rank rank 0's estimates (ranks draw their random start from different seeds)."""
+        if world_size() > 1 and not self._shared:
+            dist.broadcast(self.label_logits.data, src=0)
+        self._shared = True
+        fresh = ~self.initialised[index]
+        if fresh.any():
+            rows = self.label_logits[index[fresh]]
+            rows[observed[fresh]] = math.log(0.995 / 0.005)
+            self.label_logits[index[fresh]] = rows
+            self.initialised[index[fresh]] = True
 
 
 class LargeLossLoss(_SinglePositiveLoss):
@@ -202,8 +220,10 @@ class LargeLossLoss(_SinglePositiveLoss):
                 losses = losses * ~modified
             else:
                 losses = torch.where(modified, F.softplus(-logits), losses)  # BCE against 1
-                if self.mode == 'correct_permanent' and self.training:
-                    self.flipped[index] |= unobserved & (masked > threshold)
+                if self.mode == 'correct_permanent' and self.training:  # every rank's flips, on every rank
+                    all_index, flips = all_gather_rows(index, unobserved & (masked > threshold))
+                    rows, classes = flips.nonzero(as_tuple=True)
+                    self.flipped[all_index[rows], classes] = True  # a repeated sample keeps every row's flips
         return losses.mean()
 
 

@@ -21,12 +21,11 @@ ranks hold identical contents, equal to one process fed the concatenated global 
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.task.evaluator import _gather_rows
 
 from ..data.targets import FULL_BOX, MIN_BOX_SIDE, invalid_box_rows
+from ..distributed import all_gather_rows, world_size
 
 __all__ = ['CropFrames', 'EmaUpdate', 'HeatmapBuffer', 'RowGroups', 'StoredRows', 'crop_frames', 'crop_to_frame_grid',
            'frame_to_crop_grid', 'row_groups', 'write_ema']
@@ -305,25 +304,16 @@ class HeatmapBuffer(nn.Module):
         return current.gather(1, ids.clamp(min=0)[:, :, None, None].expand(-1, -1, *current.shape[-2:]))
 
     def _gather(self, index, maps, boxes, flips, class_scores, positives, keep):
-        """All ranks' writes in rank order (identity when not distributed): the index as int64, the rest as
-        one float32 payload per row."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        """All ranks' writes in rank order (identity when not distributed), in one `all_gather_rows`."""
+        if world_size() == 1:
             return index, maps, boxes, flips, class_scores, positives, keep
         boxes, flips = self._frame(index, boxes, flips)
         keep = torch.ones(len(index), dtype=torch.bool, device=index.device) if keep is None else keep
-        h, w = maps.shape[-2:]
-        fields = [maps.float().flatten(1), boxes.float(), flips.float()[:, None], keep.float()[:, None]]
-        fields += [t.float() for t in (class_scores, positives) if t is not None]
-        payload = torch.cat(fields, dim=1)
-        index = _gather_rows(index.long()[:, None], index.device).to(index.device)[:, 0]
-        payload = _gather_rows(payload, payload.device).to(payload.device)
-        num_maps = self.num_classes * h * w
-        maps, boxes, flips, keep, rest = payload.split([num_maps, 4, 1, 1, payload.shape[1] - num_maps - 6], dim=1)
-        extra = iter(rest.split(self.num_classes, dim=1))
-        class_scores = next(extra) if class_scores is not None else None
-        positives = next(extra) if positives is not None else None
-        return (index, maps.reshape(-1, self.num_classes, h, w), boxes, flips[:, 0] > 0.5, class_scores, positives,
-                keep[:, 0] > 0.5)
+        options = [t for t in (class_scores, positives) if t is not None]
+        index, maps, boxes, flips, keep, *options = all_gather_rows(index, maps, boxes, flips, keep, *options)
+        class_scores = options.pop(0) if class_scores is not None else None
+        positives = options.pop(0) if positives is not None else None
+        return index, maps, boxes, flips, class_scores, positives, keep
 
 
 class EmaUpdate(NamedTuple):

@@ -25,11 +25,11 @@ import operator
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.targets import PackedTarget, PackedTargetCheck, check_observed, check_target_shape, unpack_observed
+from ..distributed import world_size
 from .heatmap_buffer import CropFrames, HeatmapBuffer, RowGroups, StoredRows, crop_frames, row_groups, write_ema
 from .heatmap_source import HeatmapSource
 
@@ -37,10 +37,6 @@ __all__ = ['SpatialConsistencyLoss']
 
 NEGATIVE_MODES = ('an', 'en', 'none')
 SPATIAL_SPACES = ('prob', 'logit')
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class SpatialConsistencyLoss(nn.Module):
@@ -189,7 +185,7 @@ class SpatialConsistencyLoss(nn.Module):
         loss, terms = self._step(output, target, maps, self.current_epoch() >= self.warmup_epochs)
         self._last_terms = terms
         if self.training:
-            seen = len(output) * _world_size()
+            seen = len(output) * world_size()
             self._host_samples_seen += seen
         return loss
 
@@ -275,9 +271,9 @@ class SpatialConsistencyLoss(nn.Module):
                 verdict: Optional[torch.Tensor], rows: '_BatchRows'):
         """Count the samples and write both buffers in one EMA update, when the batch passed (`verdict`, `_keep`)."""
         if packed.index is None:
-            self.samples_seen += len(logits) * _world_size()
+            self.samples_seen += len(logits) * world_size()
             return
-        self.samples_seen.add_(verdict, alpha=len(logits) * _world_size())
+        self.samples_seen.add_(verdict, alpha=len(logits) * world_size())
         keep = verdict.expand(len(logits))
         probs = logits.sigmoid()
         updates = []  # both buffers in one EMA update (`write_ema`)
