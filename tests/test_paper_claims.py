@@ -81,6 +81,22 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert again['settings']['spatial']['seeds'][0] == spatial
 
 
+@pytest.mark.slow
+def test_parallel_jobs_give_the_runs_of_one_at_a_time(tmp_path, monkeypatch):
+    """--jobs 2: two runs at once, each in its own process with one thread and the parent's configuration, give
+    the results the same runs give one after the other (up to the rounding of 1 against 2 threads)."""
+    for key, value in dict(train_scenes=40, test_scenes=20, epochs=1, img_size=64).items():
+        monkeypatch.setitem(paper_claims.CONFIG, key, value)
+    argv = ['--only', 'an', '--seeds', '0', '1', '--device', 'cpu', '--workers', '0']
+    parallel = paper_claims.main(argv + ['--out', str(tmp_path / 'parallel'), '--jobs', '2'])['settings']['an']
+    serial = paper_claims.main(argv + ['--out', str(tmp_path / 'serial')])['settings']['an']
+    assert sorted(parallel['seeds']) == [0, 1] and parallel['seeds'][0]['mAP'] != parallel['seeds'][1]['mAP']
+    for seed in (0, 1):
+        assert parallel['seeds'][seed]['mAP'] == pytest.approx(serial['seeds'][seed]['mAP'], abs=0.5)
+        records = (tmp_path / 'parallel' / 'runs' / 'an' / f'seed{seed}' / 'metrics.jsonl').read_text().splitlines()
+        assert [json.loads(r)['epoch'] for r in records] == [-1, 0]  # the shrunk CONFIG reached the job processes
+
+
 def _check_unobserved_labels(out):
     """`unobserved_labels` scores the stored rows by their training image: rows that hold the true labels score 100
     mAP, the same rows shuffled less; rows never written and observed labels are left out. Without the buffer, the
