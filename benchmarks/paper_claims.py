@@ -528,6 +528,8 @@ def markdown(results: Dict[str, Any]) -> str:
             names = ['spatial'] + names
         if not [n for n in names if settings[n]['group'] == group]:
             continue
+        if group == 'SRN' and all(settings[n]['model'] != 'srn' for n in names):
+            continue  # the plain backbone alone: shown as the single-positive ceiling
         lines += [f'**{title}**', '', '| setting | ' + ' | '.join(header[m] for m in metrics) + ' |',
                   '|---|' + '---|' * len(metrics)]
         contenders = [n for n in names if settings[n]['group'] == group and n != 'full' or group == 'SRN']
@@ -689,10 +691,18 @@ def run_job(name: str, seed: int, out: Path, finetune: Path, weights: Path, args
     _write_json(output / 'result.json', result)
 
 
+def _console_warnings_only() -> None:
+    """train.py's INFO lines go to each run's train.log, not the console."""
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, handlers=[console])
+
+
 def _job_process(threads: int, config: Dict[str, Any]) -> None:
-    """A job process: its share of the threads, and the parent's configuration (tests shrink it)."""
+    """A job process: its share of the threads, the parent's configuration (tests shrink it) and console."""
     torch.set_num_threads(threads)
     CONFIG.update(config)
+    _console_warnings_only()
 
 
 def run_jobs(jobs: Sequence[Tuple[str, int]], out: Path, finetune: Path, weights: Path,
@@ -741,9 +751,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    console = logging.StreamHandler()
-    console.setLevel(logging.WARNING)  # train.py's INFO lines go to each run's train.log, not the console
-    logging.basicConfig(level=logging.INFO, handlers=[console])
+    _console_warnings_only()
     device = torch.device(args.device)
     names = args.only or list(SETTINGS)
     started = time.time()
