@@ -568,6 +568,9 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     colours = {'SRN': '#4c72b0', 'single positive': '#dd8452', 'ablation': '#8c8c8c', 'SRN single positive': '#55a868'}
     legend = {'SRN': 'full labels (SRN claim)', 'single positive': 'single positive', 'ablation': 'ablation',
               'SRN single positive': 'single positive on SRN'}
+    if not any(s['model'] == 'srn' and s['group'] == 'SRN' for s in settings.values()):
+        legend['SRN'] = 'full labels (the ceiling)'
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), max(3.6, 0.42 * len(settings) + 1.6)),
                              sharey=True)
     names = list(settings)
@@ -577,10 +580,14 @@ def plot(results: Dict[str, Any], path: Path) -> None:
         ax.barh(range(len(names)), means, xerr=stds, color=[colours[settings[n]['group']] for n in names],
                 capsize=3, height=0.7)
         finite = [m for m in means if np.isfinite(m)]
+        right = 100.
         if finite:
-            ax.set_xlim(max(0., min(finite) - 10), min(100., max(finite) + max(stds) + 6))
+            right = min(100., max(finite) + max(stds) + 6)
+            ax.set_xlim(max(0., min(finite) - 10), right)
         for y, (m, sd) in enumerate(zip(means, stds)):
-            if np.isfinite(m):
+            if np.isfinite(m) and m + sd > right - 6:  # no room on the right: the value inside the bar
+                ax.text(m - sd, y, f'{m:.1f}  ', va='center', ha='right', fontsize=8, color='white')
+            elif np.isfinite(m):
                 ax.text(m + sd, y, f'  {m:.1f}', va='center', fontsize=8)
         if metric == 'localisation' and '5x5' in results.get('chance', {}):
             ax.axvline(results['chance']['5x5']['test'], color='black', linestyle='--', linewidth=1)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 import paper_claims  # noqa: E402
 
 
-@pytest.mark.parametrize('name', ['paper_claims'])
+@pytest.mark.parametrize('name', ['paper_claims', 'single_positive'])
 def test_readme_block_is_the_rendering_of_the_committed_results(name):
     results = json.loads((paper_claims.RESULTS_DIR / f'{name}.json').read_text())
     assert paper_claims.readme_block(ROOT / 'README.md', name) == paper_claims.markdown(results)
