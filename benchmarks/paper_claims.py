@@ -22,6 +22,8 @@ Every figure is computed here from each run's final weights; the results JSON, a
 seeds) and a PNG go to --out, and `--publish` copies them to benchmarks/results/ and regenerates the README section.
 
     python benchmarks/paper_claims.py --only full srn         # the SRN part (6 runs)
+    python benchmarks/paper_claims.py --only full an en consistency spatial en-spatial --jobs 2 --workers 0 \
+        --out output/single_positive --name single_positive   # the single-positive part: 40 min on 2 CPU cores
     python benchmarks/paper_claims.py                         # every setting
     python benchmarks/paper_claims.py --report-only --publish # tables, plot and README from finished runs
 """
@@ -570,7 +572,6 @@ def plot(results: Dict[str, Any], path: Path) -> None:
               'SRN single positive': 'single positive on SRN'}
     if not any(s['model'] == 'srn' and s['group'] == 'SRN' for s in settings.values()):
         legend['SRN'] = 'full labels (the ceiling)'
-
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), max(3.6, 0.42 * len(settings) + 1.6)),
                              sharey=True)
     names = list(settings)
@@ -751,7 +752,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="runs at a time, each in its own process with an equal share of the threads (CPU: 2 cores "
                         "train 22%% faster as 2 one-thread runs; use with --workers 0)")
     p.add_argument('--progress-per-run', action='store_true', help="train.py's own progress bars too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f'--jobs {args.jobs}: at least one run at a time')
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
